@@ -1,0 +1,11 @@
+"""User-facing errors: each names the field, the value and the fix; the CLI prints one line, exit 2."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A user mistake (bad config, bad path, unknown name). Never shown as a traceback."""
+
+    def __init__(self, field: str, value: object, fix: str):
+        self.field, self.value, self.fix = field, value, fix
+        super().__init__(f"{field}={value!r}: {fix}")
