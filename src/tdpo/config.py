@@ -1,0 +1,483 @@
+"""Configuration: nested dataclasses, presets, YAML files, ``--set a.b=value`` overrides, validation.
+
+Every field carries its help text (shown by ``tdpo train --help``). Values are checked here, in one
+place, before any model loads: a bad one raises :class:`tdpo.errors.UsageError` naming the field,
+the value and the fix. Presets are plain Python dicts of overrides (never executed code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tdpo.errors import UsageError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with help text (lists get a default factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f(
+        "CompVis/stable-diffusion-v1-4",
+        "Stable Diffusion 1.x/2.x pipeline: a Hub id or a folder saved with save_pretrained.",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pipeline.")
+    finetune: Literal["lora", "full"] = _f(
+        "lora", "What of the UNet is trained: LoRA adapters (peft) or every weight."
+    )
+    lora_rank: int = _f(4, "LoRA rank r.")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank).")
+    lora_targets: list[str] = _f(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that receive LoRA adapters."
+    )
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = _f(50, "DDIM sampling steps T.")
+    eta: float = _f(1.0, "DDIM eta (> 0: each step is a Gaussian policy step).")
+    guidance_scale: float = _f(5.0, "Classifier-free guidance w (1.0 disables guidance).")
+    batch_size: int = _f(8, "Images sampled per process per batch.")
+    samples_per_epoch: int = _f(
+        256, "Images sampled per epoch over all processes (reward queries per epoch)."
+    )
+
+
+@dataclass
+class TrainConfig:
+    algorithm: Literal["tdpo", "ddpo"] = _f(
+        "tdpo", "tdpo: per-timestep advantages from the temporal critic; ddpo: the final reward."
+    )
+    epochs: int = _f(100, "Epochs (sample, then update).")
+    batch_size: int = _f(1, "Training minibatch per process (samples per forward pass).")
+    updates_per_epoch: int = _f(
+        0,
+        "Optimizer updates per inner epoch; 0 = the paper's default: 2 per timestep slice for "
+        "tdpo (100 at 50 steps), 2 for ddpo. tdpo needs a multiple of sample.num_steps.",
+    )
+    inner_epochs: int = _f(1, "Passes over each epoch's samples.")
+    learning_rate: float = _f(1e-4, "Policy AdamW learning rate.")
+    adam_beta1: float = _f(0.9, "AdamW beta1 (policy and critic).")
+    adam_beta2: float = _f(0.999, "AdamW beta2 (policy and critic).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay (policy and critic).")
+    adam_eps: float = _f(1e-8, "AdamW epsilon (policy and critic).")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip for the policy (and, separately, critic).")
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon.")
+    cfg: bool = _f(True, "Use classifier-free guidance when re-evaluating log-probs in training.")
+    per_prompt_normalization: bool = _f(
+        True, "Normalize rewards per prompt (else with the whole epoch's statistics)."
+    )
+    norm_buffer_size: int = _f(32, "Per-prompt normalization: rewards kept per prompt.")
+    norm_min_count: int = _f(16, "Per-prompt normalization: rewards needed before per-prompt stats.")
+
+
+@dataclass
+class CriticConfig:
+    backbone: str = _f(
+        "openai/clip-vit-large-patch14",
+        "Frozen image-embedding backbone of the temporal critic (CLIP vision tower id or path).",
+    )
+    head: Literal["linear", "relu"] = _f(
+        "linear", "Critic head: the reference linear MLP (no nonlinearity) or the same with ReLU."
+    )
+    timestep_input: bool = _f(False, "Feed the normalized timestep to the head as well.")
+    learning_rate: float = _f(1e-4, "Critic AdamW learning rate.")
+    value_clip: float = _f(0.2, "Clip range of the value loss around V_old.")
+    value_coef: float = _f(1.0, "Weight c_v of the value loss.")
+    embed_batch_size: int = _f(64, "States decoded and embedded per batch when valuing states.")
+
+
+@dataclass
+class ResetConfig:
+    enabled: bool = _f(False, "TDPO-R: periodically re-initialize critic neurons.")
+    every: int = _f(10, "Reset period F in epochs.")
+    tau: float = _f(0.0, "Dormancy threshold: a neuron is dormant if its score s_i <= tau.")
+    target: Literal["active", "dormant", "all"] = _f(
+        "active", "Which neurons to re-initialize: active (TDPO-R), dormant (ReDo) or all."
+    )
+    outgoing: Literal["redraw", "zero"] = _f(
+        "redraw", "Outgoing weights of reset neurons: redraw (reference code) or zero (ReDo)."
+    )
+    stats_batch_size: int = _f(256, "State embeddings used to score neurons each epoch.")
+
+
+@dataclass
+class KLConfig:
+    coef: float = _f(0.0, "Per-step KL penalty beta against the frozen base model (0 = off).")
+    estimator: Literal["kl", "abs", "square", "clip", "approx"] = _f(
+        "kl", "KL estimator on d = log pi - log pi_ref."
+    )
+    adaptive: bool = _f(False, "Adapt beta towards kl.target (Ziegler et al. 2019).")
+    target: float = _f(0.1, "Adaptive KL: target per-step KL.")
+    horizon: int = _f(10000, "Adaptive KL: horizon in samples.")
+
+
+@dataclass
+class RewardConfig:
+    name: str = _f(
+        "jpeg_compressibility",
+        "Training reward: a registered name or a user factory package.module:callable.",
+    )
+    panel: list[str] = _f(
+        [], "Evaluation rewards scored on every sample (cross-reward generalization)."
+    )
+
+
+@dataclass
+class PromptConfig:
+    train: str = _f(
+        "simple_animals", "Training prompts: a shipped set name or a .txt file (one per line)."
+    )
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(True, "Write TensorBoard events into the run directory.")
+    wandb: bool = _f(False, "Log to Weights & Biases (pip install tdpo[wandb]).")
+    wandb_project: str = _f("tdpo", "W&B project name.")
+    grid_every: int = _f(1, "Save a sample grid every N epochs (0 = never).")
+    progress: bool = _f(True, "Progress bars on the main process when attached to a terminal.")
+    dump_tensors: bool = _f(
+        False, "Debug: save per-process rewards and advantages of each epoch under debug/."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(1, "Write a resumable checkpoint every N epochs (and on SIGINT/SIGTERM).")
+    keep: int = _f(2, "Checkpoints kept (oldest deleted).")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs", "Parent folder of run directories.")
+    run_name: str | None = _f(None, "Run directory name (default: <preset>-<timestamp>).")
+    seed: int = _f(0, "Seed of every random draw (prompts, noise, shuffles, dropout, resets).")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "Autocast precision for training; frozen models use it on GPU too."
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reset: ResetConfig = field(default_factory=ResetConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: plain override dicts, applied on the defaults before the YAML file and --set.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tdpo": {"train.algorithm": "tdpo", "reset.enabled": False},
+    "tdpo-r": {"train.algorithm": "tdpo", "reset.enabled": True, "reset.target": "active"},
+    "ddpo-2": {"train.algorithm": "ddpo", "train.updates_per_epoch": 2, "reset.enabled": False},
+    "ddpo-100": {
+        "train.algorithm": "ddpo",
+        "train.updates_per_epoch": 100,
+        "reset.enabled": False,
+    },
+}
+
+# Keys a resumed run may change (everything else must match the run's config).
+RESUME_MUTABLE_PREFIXES = ("train.epochs", "log.", "checkpoint.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Introspection helpers.
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """Yield (dotted name, type, default, help) of every leaf field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, name + ".")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            yield name, tp, default, f.metadata.get("help", "")
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def fields_help() -> str:
+    """All fields with type, default and help: the body of ``tdpo train --help``'s epilog."""
+    lines = []
+    section = None
+    for name, tp, default, help_text in iter_fields():
+        head = name.split(".")[0] if "." in name else ""
+        if head != section:
+            section = head
+            lines.append(f"\n[{head or 'run'}]")
+        lines.append(f"  {name} ({type_name(tp)}, default {default!r})")
+        lines.append(f"      {help_text}")
+    return "\n".join(lines)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert int->float; raise UsageError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UsageError(name, value, f"choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except UsageError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UsageError(name, value, "expected a list, e.g. [a, b] or a,b")
+        return [_coerce(f"{name}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(name, value, "expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(name, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UsageError(name, value, "expected a number")
+        if not math.isfinite(value):
+            raise UsageError(name, value, "expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UsageError(name, value, "expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+_LEAF_TYPES = {name: tp for name, tp, _, _ in iter_fields()}
+
+
+def set_value(config: Config, dotted: str, value: Any, source: str = "") -> None:
+    """Set one leaf field by dotted name, type-checked."""
+    if dotted not in _LEAF_TYPES:
+        close = difflib.get_close_matches(dotted, list(_LEAF_TYPES), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `tdpo train --help` for every field"
+        raise UsageError(dotted, value, f"unknown config key{source}; {hint}")
+    value = _coerce(dotted, value, _LEAF_TYPES[dotted])
+    target = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-parsed value)."""
+    if "=" not in text:
+        raise UsageError("--set", text, "write overrides as key=value, e.g. --set train.epochs=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str | int | float | bool | list) or value is None:
+        return key.strip(), value
+    return key.strip(), raw
+
+
+def load_yaml(path: str | Path, field_name: str = "--config") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(field_name, str(path), "no such file; give a YAML config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UsageError(field_name, str(path), f"not valid YAML{where}; fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(field_name, str(path), "the file must hold a mapping of config sections")
+    return data
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults <- preset <- base <- YAML file <- overrides, then validate."""
+    config = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError("--preset", preset, f"choose one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[preset].items():
+            set_value(config, key, value)
+    if base:
+        for key, value in flatten(base).items():
+            set_value(config, key, value)
+    if config_file is not None:
+        for key, value in flatten(load_yaml(config_file)).items():
+            set_value(config, key, value, source=f" in {config_file}")
+    for key, value in (overrides or {}).items():
+        set_value(config, key, value)
+    validate(config)
+    return config
+
+
+def _positive(name: str, value: float, fix: str = "must be > 0") -> None:
+    if value <= 0:
+        raise UsageError(name, value, fix)
+
+
+def validate(config: Config) -> None:
+    """Range checks that do not depend on the number of processes or on models."""
+    s, t, c, r, k = config.sample, config.train, config.critic, config.reset, config.kl
+    _positive("sample.num_steps", s.num_steps, "must be >= 1 (the paper uses 50)")
+    _positive("sample.eta", s.eta, "must be > 0: with eta = 0 DDIM is deterministic, no policy")
+    _positive("sample.batch_size", s.batch_size, "must be >= 1")
+    _positive("sample.samples_per_epoch", s.samples_per_epoch, "must be >= 1")
+    if s.guidance_scale < 1.0:
+        raise UsageError("sample.guidance_scale", s.guidance_scale, "must be >= 1.0 (1 = no CFG)")
+    _positive("train.epochs", t.epochs, "must be >= 1")
+    _positive("train.batch_size", t.batch_size, "must be >= 1")
+    _positive("train.inner_epochs", t.inner_epochs, "must be >= 1")
+    if t.updates_per_epoch < 0:
+        raise UsageError("train.updates_per_epoch", t.updates_per_epoch, "must be >= 0 (0 = auto)")
+    for name in ("learning_rate", "adam_eps", "max_grad_norm", "clip_range"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise UsageError(f"train.{name}", getattr(t, name), "must be in [0, 1)")
+    if t.weight_decay < 0:
+        raise UsageError("train.weight_decay", t.weight_decay, "must be >= 0")
+    _positive("train.norm_buffer_size", t.norm_buffer_size, "must be >= 1")
+    if not 1 <= t.norm_min_count <= t.norm_buffer_size:
+        raise UsageError("train.norm_min_count", t.norm_min_count,
+                         f"must be in [1, train.norm_buffer_size={t.norm_buffer_size}]")
+    _positive("critic.learning_rate", c.learning_rate)
+    _positive("critic.value_clip", c.value_clip)
+    if c.value_coef < 0:
+        raise UsageError("critic.value_coef", c.value_coef, "must be >= 0")
+    _positive("critic.embed_batch_size", c.embed_batch_size, "must be >= 1")
+    _positive("reset.every", r.every, "must be >= 1 epoch")
+    if r.tau < 0:
+        raise UsageError("reset.tau", r.tau, "must be >= 0")
+    _positive("reset.stats_batch_size", r.stats_batch_size, "must be >= 1")
+    if k.coef < 0:
+        raise UsageError("kl.coef", k.coef, "must be >= 0 (0 = no KL penalty)")
+    if k.adaptive and k.coef == 0:
+        raise UsageError("kl.coef", k.coef, "adaptive KL needs a starting kl.coef > 0")
+    _positive("kl.target", k.target)
+    _positive("kl.horizon", k.horizon)
+    _positive("model.lora_rank", config.model.lora_rank, "must be >= 1")
+    _positive("model.lora_alpha", config.model.lora_alpha)
+    if config.model.finetune == "lora" and not config.model.lora_targets:
+        raise UsageError("model.lora_targets", [], "name at least one UNet module, e.g. to_q")
+    _positive("checkpoint.every", config.checkpoint.every, "must be >= 1 epoch")
+    _positive("checkpoint.keep", config.checkpoint.keep, "must be >= 1")
+    if config.log.grid_every < 0:
+        raise UsageError("log.grid_every", config.log.grid_every, "must be >= 0 (0 = never)")
+    if not config.reward.name:
+        raise UsageError("reward.name", "", "name a reward, e.g. jpeg_compressibility")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-process sizes derived from the global config and the process count."""
+
+    num_processes: int
+    samples_per_process: int
+    sample_batches: int  # sampling batches per process per epoch
+    minibatches: int  # training minibatches per process (per timestep slice for tdpo)
+    updates_per_epoch: int  # optimizer updates per inner epoch
+    accumulation: int  # minibatch passes (backward calls) per optimizer update
+
+
+def resolve_schedule(config: Config, num_processes: int) -> Schedule:
+    """Keep samples and updates per epoch fixed whatever the process count; check divisibility."""
+    s, t = config.sample, config.train
+    T = s.num_steps
+    if s.samples_per_epoch % num_processes:
+        raise UsageError("sample.samples_per_epoch", s.samples_per_epoch,
+                         f"must be divisible by the number of processes ({num_processes})")
+    per_process = s.samples_per_epoch // num_processes
+    if per_process % s.batch_size:
+        raise UsageError("sample.batch_size", s.batch_size,
+                         f"must divide the samples per process ({per_process} = "
+                         f"sample.samples_per_epoch / {num_processes} processes)")
+    if per_process % t.batch_size:
+        raise UsageError("train.batch_size", t.batch_size,
+                         f"must divide the samples per process ({per_process})")
+    minibatches = per_process // t.batch_size
+    updates = t.updates_per_epoch or (2 * T if t.algorithm == "tdpo" else 2)
+    passes = minibatches * T
+    if passes % updates:
+        raise UsageError("train.updates_per_epoch", updates,
+                         f"must divide the {passes} minibatch passes per epoch "
+                         f"({minibatches} minibatches x {T} steps)")
+    if t.algorithm == "tdpo" and updates % T:
+        raise UsageError("train.updates_per_epoch", updates,
+                         f"tdpo updates within timestep slices: use a multiple of "
+                         f"sample.num_steps={T} that divides {passes}")
+    return Schedule(num_processes, per_process, per_process // s.batch_size, minibatches,
+                    updates, passes // updates)
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from its saved dict (e.g. a run's config.yaml), validated."""
+    return build_config(base=data)
