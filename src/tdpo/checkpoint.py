@@ -1,0 +1,284 @@
+"""Atomic, verified, resumable checkpoints of the whole training state.
+
+Layout: ``run_dir/checkpoints/epoch_{epoch:06d}/`` holds ``state.pt`` (``torch.save`` of a
+nested dict of tensors and plain Python values) and ``manifest.json`` (format, epoch, config
+hash, sha256 and size of every file). A checkpoint is written under ``.tmp-*`` and renamed
+into place only when complete, with the manifest written last; loading verifies every hash and
+reads ``state.pt`` with ``torch.load(weights_only=True)``, so nothing is ever unpickled beyond
+tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdpo.errors import UsageError
+
+FORMAT = 1
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINTS_DIR = "checkpoints"
+_NAME = re.compile(r"^epoch_(\d{6,})$")
+
+# Leaf types that torch.load(weights_only=True) reads back without custom globals.
+_ALLOWED_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.Size)
+
+
+def config_hash(config_dict: dict) -> str:
+    """First 16 hex chars of the sha256 of the config as sorted-key JSON."""
+    text = json.dumps(config_dict, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_state(value: Any, where: str = "state") -> None:
+    """Refuse anything that weights-only loading could not read back (or would have to unpickle)."""
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"checkpoint {where} has a key of type {type(key).__name__}")
+            _check_state(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_state(item, f"{where}[{i}]")
+    elif not isinstance(value, _ALLOWED_LEAVES):
+        raise TypeError(
+            f"checkpoint {where} is a {type(value).__module__}.{type(value).__qualname__}; a "
+            "checkpoint holds only tensors, Python scalars, strings, lists, tuples and dicts "
+            "(convert numpy arrays with .tolist() or torch.from_numpy)"
+        )
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _epoch_of(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _final_dirs(checkpoints: Path) -> list[Path]:
+    """Directories named ``epoch_*`` (complete or not), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and _epoch_of(p) is not None]
+    return sorted(found, key=lambda p: _epoch_of(p) or 0)
+
+
+def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_hash: str) -> Path:
+    """Write ``checkpoints/epoch_{epoch:06d}`` atomically and keep the newest ``keep``.
+
+    Checkpoints of later epochs than ``epoch`` are deleted: they belong to a run that was
+    resumed from an earlier point, and would otherwise be picked up by the next resume.
+    Leftover ``.tmp-*`` directories (from a crash mid-save) are deleted too.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be non-negative, got {epoch}")
+    _check_state(state)
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    name = f"epoch_{epoch:06d}"
+    tmp = checkpoints / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_file(tmp / STATE_FILE)
+    files = {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.iterdir())
+        if p.is_file()
+    }
+    manifest = {"format": FORMAT, "epoch": epoch, "config_hash": config_hash, "files": files}
+    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:  # last: marks completeness
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    final = checkpoints / name
+    if final.exists():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        old = checkpoints / f".tmp-replaced-{name}-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(checkpoints)
+
+    # Prune: stale temporaries, checkpoints from an abandoned later timeline, all but `keep`.
+    for path in checkpoints.iterdir():
+        if path.name.startswith(".tmp-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".tmp-"):
+            path.unlink(missing_ok=True)
+    complete = []
+    for path in _final_dirs(checkpoints):
+        if (_epoch_of(path) or 0) > epoch:
+            shutil.rmtree(path, ignore_errors=True)
+        elif (path / MANIFEST_FILE).is_file():
+            complete.append(path)
+    for path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    _fsync_dir(checkpoints)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (final name and a manifest), oldest first."""
+    return [
+        p for p in _final_dirs(Path(run_dir) / CHECKPOINTS_DIR) if (p / MANIFEST_FILE).is_file()
+    ]
+
+
+def read_manifest(path: Path) -> dict:
+    """The parsed ``manifest.json`` of a checkpoint directory."""
+    with open(Path(path) / MANIFEST_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if the manifest is present and every file matches it, else a one-line reason."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        return f"missing {MANIFEST_FILE}"
+    try:
+        manifest = read_manifest(path)
+        files = manifest["files"]
+        fmt = manifest["format"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {MANIFEST_FILE} ({type(error).__name__})"
+    if fmt != FORMAT:
+        return f"unknown checkpoint format {fmt!r} (this tdpo reads format {FORMAT})"
+    if _epoch_of(path) is not None and manifest.get("epoch") != _epoch_of(path):
+        return f"manifest epoch {manifest.get('epoch')!r} does not match the directory name"
+    if STATE_FILE not in files:
+        return f"{STATE_FILE} not listed in {MANIFEST_FILE}"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            return f"size mismatch in {name}: {size} bytes, expected {expected.get('bytes')}"
+        if _sha256(file) != expected.get("sha256"):
+            return f"sha256 mismatch in {name}"
+    return None
+
+
+def load_latest_checkpoint(
+    run_dir: Path, log: Callable[[str], None] = print
+) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies and loads, with its state; None if there is none.
+
+    Skipped (corrupt) checkpoints are reported in one line through ``log``. If checkpoints
+    exist but none is usable, a :class:`UsageError` is raised rather than silently starting over.
+    """
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    if not candidates:
+        return None
+    bad: list[tuple[str, str]] = []
+    for path in candidates:
+        reason = verify_checkpoint(path)
+        if reason is None:
+            try:
+                state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+            except Exception as error:  # a refused (non weights-only) or unreadable pickle
+                reason = f"{STATE_FILE} does not load weights-only ({type(error).__name__})"
+            else:
+                if bad:
+                    log(f"{_describe(bad)}; using {path.name}")
+                return path, state
+        bad.append((path.name, reason))
+    raise UsageError(
+        "resume",
+        str(run_dir),
+        f"{_describe(bad)}; no usable checkpoint is left: delete "
+        f"{Path(run_dir) / CHECKPOINTS_DIR} to start over, or restore it from a backup",
+    )
+
+
+def _describe(bad: list[tuple[str, str]]) -> str:
+    if len(bad) == 1:
+        return f"checkpoint {bad[0][0]} is corrupt ({bad[0][1]})"
+    details = "; ".join(f"{name}: {reason}" for name, reason in bad)
+    return f"checkpoints {', '.join(n for n, _ in bad)} are corrupt ({details})"
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and (if available) all CUDA RNG states, weights-only loadable."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "numpy": {
+            "name": str(name),
+            "keys": [int(k) for k in keys.tolist()],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA only where present and available)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            np.asarray(n["keys"], dtype=np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("torch_cuda")
+    if cuda_states and torch.cuda.is_available():
+        count = min(len(cuda_states), torch.cuda.device_count())
+        for device in range(count):
+            torch.cuda.set_rng_state(cuda_states[device].cpu(), device)

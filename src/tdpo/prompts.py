@@ -1,0 +1,163 @@
+"""Named prompt sets and a seeded, resumable prompt sampler.
+
+Shipped sets are the text files under ``tdpo/assets/prompts`` (one prompt a line; see
+``NOTICE.md`` there for provenance). Other modules add sets with :func:`register_prompt_set`;
+the shapes world does so in ``tdpo.world.prompts``, which is imported lazily here, the first
+time the list of names is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tdpo.errors import UsageError
+
+# Modules that register prompt sets on import; a missing one is skipped.
+_PLUGIN_MODULES = ("tdpo.world.prompts",)
+
+_REGISTRY: dict[str, Callable[[], list[str]]] = {}
+
+
+def _shipped_dir() -> Path:
+    return Path(str(resources.files("tdpo") / "assets" / "prompts"))
+
+
+def _shipped_sets() -> dict[str, Path]:
+    directory = _shipped_dir()
+    if not directory.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(directory.glob("*.txt"))}
+
+
+def _load_plugins() -> None:
+    for module in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            # Only the plugin module itself may be absent; a broken import inside it must surface.
+            if error.name is None or not (module + ".").startswith(error.name + "."):
+                raise
+
+
+def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
+    """Register ``loader() -> prompts`` under ``name`` (called lazily, on load)."""
+    if not name or "/" in name or name.endswith(".txt"):
+        raise ValueError(f"prompt set name {name!r} must be a plain name, not a path")
+    if name in _shipped_sets():
+        raise ValueError(f"prompt set {name!r} is shipped with tdpo; choose another name")
+    _REGISTRY[name] = loader
+
+
+def available_prompt_sets() -> list[str]:
+    """Names of the shipped sets (file stems) and of the registered ones, sorted."""
+    _load_plugins()
+    return sorted(set(_shipped_sets()) | set(_REGISTRY))
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """Read one prompt a line; strip lines, skip blank lines and lines starting with ``#``."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or spec.endswith(".txt") or spec.startswith(("~", "."))
+
+
+def load_prompts(spec: str | list[str], field: str = "prompts.train") -> list[str]:
+    """Resolve a prompt set name, a ``.txt`` path or an inline list to a non-empty list."""
+    if isinstance(spec, (list, tuple)):
+        prompts = [str(p).strip() for p in spec]
+        if not prompts or not all(prompts):
+            raise UsageError(field, list(spec), "give at least one prompt, none of them empty")
+        return prompts
+    if not isinstance(spec, str):
+        raise UsageError(field, spec, "give a prompt set name, a .txt file or a list of prompts")
+
+    shipped = _shipped_sets()
+    if spec in shipped:
+        prompts = read_prompt_file(shipped[spec])
+    else:
+        _load_plugins()
+        if spec in _REGISTRY:
+            prompts = [str(p) for p in _REGISTRY[spec]()]
+        elif _looks_like_path(spec) or Path(spec).expanduser().is_file():
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise UsageError(
+                    field,
+                    spec,
+                    "no such prompt file; give an existing .txt file "
+                    f"or one of the sets {', '.join(available_prompt_sets())}",
+                )
+            prompts = read_prompt_file(path)
+        else:
+            raise UsageError(
+                field,
+                spec,
+                "unknown prompt set; choose one of "
+                f"{', '.join(available_prompt_sets())}, or give a .txt file path",
+            )
+    if not prompts:
+        raise UsageError(
+            field,
+            spec,
+            "the prompt set is empty; give a file with at least one non-blank, non-comment line",
+        )
+    return prompts
+
+
+def _prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+class PromptSampler:
+    """Draw prompts uniformly with replacement from a fixed list, reproducibly across resumes."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        if not prompts:
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.prompts = list(prompts)
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def sample(self, n: int) -> list[str]:
+        """``n`` prompts drawn uniformly with replacement."""
+        indices = self._rng.integers(0, len(self.prompts), size=n)
+        return [self.prompts[i] for i in indices.tolist()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state and a digest of the prompt list, as plain JSON-able Python types."""
+        return {
+            "bit_generator": _plain(self._rng.bit_generator.state),
+            "num_prompts": len(self.prompts),
+            "prompts_sha256": _prompts_digest(self.prompts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; the prompt list must be the same."""
+        digest = _prompts_digest(self.prompts)
+        if state.get("prompts_sha256") not in (None, digest):
+            raise ValueError(
+                f"the saved prompt sampler drew from another prompt list "
+                f"({state.get('num_prompts')} prompts, digest {state.get('prompts_sha256')}) "
+                f"than this one ({len(self.prompts)} prompts, digest {digest})"
+            )
+        self._rng.bit_generator.state = state["bit_generator"]
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars inside nested dicts/lists to Python types."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
