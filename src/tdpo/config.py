@@ -81,7 +81,9 @@ class TrainConfig:
         True, "Normalize rewards per prompt (else with the whole epoch's statistics)."
     )
     norm_buffer_size: int = _f(32, "Per-prompt normalization: rewards kept per prompt.")
-    norm_min_count: int = _f(16, "Per-prompt normalization: rewards needed before per-prompt stats.")
+    norm_min_count: int = _f(
+        16, "Per-prompt normalization: rewards needed before per-prompt stats."
+    )
 
 
 @dataclass
@@ -212,7 +214,9 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, name + ".")
         else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             yield name, tp, default, f.metadata.get("help", "")
 
 
@@ -403,8 +407,11 @@ def validate(config: Config) -> None:
         raise UsageError("train.weight_decay", t.weight_decay, "must be >= 0")
     _positive("train.norm_buffer_size", t.norm_buffer_size, "must be >= 1")
     if not 1 <= t.norm_min_count <= t.norm_buffer_size:
-        raise UsageError("train.norm_min_count", t.norm_min_count,
-                         f"must be in [1, train.norm_buffer_size={t.norm_buffer_size}]")
+        raise UsageError(
+            "train.norm_min_count",
+            t.norm_min_count,
+            f"must be in [1, train.norm_buffer_size={t.norm_buffer_size}]",
+        )
     _positive("critic.learning_rate", c.learning_rate)
     _positive("critic.value_clip", c.value_clip)
     if c.value_coef < 0:
@@ -449,29 +456,48 @@ def resolve_schedule(config: Config, num_processes: int) -> Schedule:
     s, t = config.sample, config.train
     T = s.num_steps
     if s.samples_per_epoch % num_processes:
-        raise UsageError("sample.samples_per_epoch", s.samples_per_epoch,
-                         f"must be divisible by the number of processes ({num_processes})")
+        raise UsageError(
+            "sample.samples_per_epoch",
+            s.samples_per_epoch,
+            f"must be divisible by the number of processes ({num_processes})",
+        )
     per_process = s.samples_per_epoch // num_processes
     if per_process % s.batch_size:
-        raise UsageError("sample.batch_size", s.batch_size,
-                         f"must divide the samples per process ({per_process} = "
-                         f"sample.samples_per_epoch / {num_processes} processes)")
+        raise UsageError(
+            "sample.batch_size",
+            s.batch_size,
+            f"must divide the samples per process ({per_process} = "
+            f"sample.samples_per_epoch / {num_processes} processes)",
+        )
     if per_process % t.batch_size:
-        raise UsageError("train.batch_size", t.batch_size,
-                         f"must divide the samples per process ({per_process})")
+        raise UsageError(
+            "train.batch_size", t.batch_size, f"must divide the samples per process ({per_process})"
+        )
     minibatches = per_process // t.batch_size
     updates = t.updates_per_epoch or (2 * T if t.algorithm == "tdpo" else 2)
     passes = minibatches * T
     if passes % updates:
-        raise UsageError("train.updates_per_epoch", updates,
-                         f"must divide the {passes} minibatch passes per epoch "
-                         f"({minibatches} minibatches x {T} steps)")
+        raise UsageError(
+            "train.updates_per_epoch",
+            updates,
+            f"must divide the {passes} minibatch passes per epoch "
+            f"({minibatches} minibatches x {T} steps)",
+        )
     if t.algorithm == "tdpo" and updates % T:
-        raise UsageError("train.updates_per_epoch", updates,
-                         f"tdpo updates within timestep slices: use a multiple of "
-                         f"sample.num_steps={T} that divides {passes}")
-    return Schedule(num_processes, per_process, per_process // s.batch_size, minibatches,
-                    updates, passes // updates)
+        raise UsageError(
+            "train.updates_per_epoch",
+            updates,
+            f"tdpo updates within timestep slices: use a multiple of "
+            f"sample.num_steps={T} that divides {passes}",
+        )
+    return Schedule(
+        num_processes,
+        per_process,
+        per_process // s.batch_size,
+        minibatches,
+        updates,
+        passes // updates,
+    )
 
 
 def config_to_yaml(config: Config) -> str:

@@ -48,8 +48,13 @@ def head_init_std(in_dim: int) -> float:
 class CriticHead(nn.Module):
     """The trainable part: maps a state embedding (and optionally t) to a value."""
 
-    def __init__(self, embed_dim: int, kind: str = "linear", timestep_input: bool = False,
-                 num_train_timesteps: int = 1000):
+    def __init__(
+        self,
+        embed_dim: int,
+        kind: str = "linear",
+        timestep_input: bool = False,
+        num_train_timesteps: int = 1000,
+    ):
         super().__init__()
         self.timestep_input = timestep_input
         self.num_train_timesteps = num_train_timesteps
@@ -64,12 +69,16 @@ class CriticHead(nn.Module):
         t = timesteps.to(embeddings.dtype).unsqueeze(-1) / self.num_train_timesteps
         return torch.cat([embeddings, t], dim=-1)
 
-    def forward(self, embeddings: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, timesteps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.mlp(self.features(embeddings.float(), timesteps)).squeeze(-1)
 
 
 @torch.no_grad()
-def embed_states(decode, embedder: nn.Module, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+def embed_states(
+    decode, embedder: nn.Module, latents: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Decode and embed states ``latents`` [N, C, h, w] in batches -> embeddings [N, d] (float32).
 
     ``decode`` maps latents to images in [0, 1]; ``embedder`` maps images to L2-normalized
@@ -79,8 +88,9 @@ def embed_states(decode, embedder: nn.Module, latents: torch.Tensor, batch_size:
     return torch.cat(out)
 
 
-def trajectory_state_embeddings(decode, embedder: nn.Module, latents: torch.Tensor,
-                                batch_size: int) -> torch.Tensor:
+def trajectory_state_embeddings(
+    decode, embedder: nn.Module, latents: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Embeddings of the T states before each step, x_T ... x_1: latents [B, T+1, ...] -> [B, T, d]."""
     b, t1 = latents.shape[:2]
     states = latents[:, : t1 - 1].reshape(b * (t1 - 1), *latents.shape[2:])

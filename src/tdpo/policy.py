@@ -77,8 +77,12 @@ def check_pipeline_path(spec: str, field: str = "model.pretrained") -> None:
     if not path.exists():
         raise UsageError(field, spec, "no such folder; give a Hub id or a pipeline folder")
     if not (path / "model_index.json").is_file():
-        raise UsageError(field, spec, "not a diffusers pipeline folder (no model_index.json); "
-                         "save one with pipe.save_pretrained(DIR)")
+        raise UsageError(
+            field,
+            spec,
+            "not a diffusers pipeline folder (no model_index.json); "
+            "save one with pipe.save_pretrained(DIR)",
+        )
 
 
 def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
@@ -96,8 +100,9 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError("model.pretrained", spec,
-                         f"cannot load a Stable Diffusion pipeline ({first[:200]})") from None
+        raise UsageError(
+            "model.pretrained", spec, f"cannot load a Stable Diffusion pipeline ({first[:200]})"
+        ) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -134,18 +139,24 @@ class DiffusionPolicy(nn.Module):
             try:
                 self.unet.add_adapter(lora)
             except ValueError as exc:
-                raise UsageError("model.lora_targets", model_cfg.lora_targets,
-                                 f"no such UNet modules ({exc}); e.g. to_q,to_k,to_v,to_out.0") from None
+                raise UsageError(
+                    "model.lora_targets",
+                    model_cfg.lora_targets,
+                    f"no such UNet modules ({exc}); e.g. to_q,to_k,to_v,to_out.0",
+                ) from None
             for p in self.unet.parameters():
                 if p.requires_grad:
-                    p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+                    p.data = (
+                        p.data.float()
+                    )  # trainable LoRA weights stay fp32 under mixed precision
         else:
             self.unet.requires_grad_(True)
         self._neg_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, sample_cfg: SampleConfig,
-                    dtype: torch.dtype = torch.float32) -> DiffusionPolicy:
+    def from_config(
+        cls, model_cfg: ModelConfig, sample_cfg: SampleConfig, dtype: torch.dtype = torch.float32
+    ) -> DiffusionPolicy:
         pipe = load_pipeline(model_cfg.pretrained, model_cfg.revision, dtype)
         return cls(pipe, model_cfg, sample_cfg)
 
@@ -205,9 +216,15 @@ class DiffusionPolicy(nn.Module):
 
     # -- denoiser -----------------------------------------------------------------------------
 
-    def predict_noise(self, unet: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                      prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                      guidance_scale: float) -> torch.Tensor:
+    def predict_noise(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """The UNet's output, with classifier-free guidance when ``negative_embeds`` is given."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
@@ -231,33 +248,50 @@ class DiffusionPolicy(nn.Module):
     # -- sampling -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, unet: nn.Module, prompts: list[str], generator: torch.Generator,
-               with_reference: bool = False, progress=None) -> Trajectory:
-        """Sample trajectories for ``prompts`` with DDIM (eta > 0) and record every step."""
+    def sample(
+        self,
+        unet: nn.Module,
+        prompts: list[str],
+        noise: torch.Tensor,
+        with_reference: bool = False,
+        progress=None,
+    ) -> Trajectory:
+        """Sample trajectories for ``prompts`` with DDIM (eta > 0) and record every step.
+
+        ``noise`` [B, T+1, C, h, w] holds x_T (``noise[:, 0]``) and the standard-normal draw of
+        each step k (``noise[:, k+1]``), so that a sample is reproducible from its own seed.
+        """
         cfg = self.sample_cfg
         batch = len(prompts)
         self.scheduler.set_timesteps(cfg.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         prompt_embeds = self.encode_prompts(prompts)
         negative = self.negative_embeds(batch) if self.use_cfg else None
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size,
-                 self.unet.config.sample_size)
-        latents = torch.randn(shape, generator=generator, device=generator.device)
-        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
+        noise = noise.to(self.device, torch.float32)
+        latents = noise[:, 0] * self.scheduler.init_noise_sigma
         all_latents, log_probs, ref_log_probs = [latents], [], []
-        for t in timesteps:
-            noise_pred = self.predict_noise(unet, latents, t, prompt_embeds, negative,
-                                            cfg.guidance_scale)
-            step = ddim_step_logprob(self.scheduler, noise_pred, t, latents, cfg.eta,
-                                     generator=generator)
+        for k, t in enumerate(timesteps):
+            noise_pred = self.predict_noise(
+                unet, latents, t, prompt_embeds, negative, cfg.guidance_scale
+            )
+            # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
+            mean_std = ddim_step_logprob(
+                self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=latents
+            )
+            next_latents = mean_std.mean + mean_std.std * noise[:, k + 1]
+            step = ddim_step_logprob(
+                self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=next_latents
+            )
             if with_reference:
                 with self.reference_mode(unet) as ref_unet:
-                    ref_pred = self.predict_noise(ref_unet, latents, t, prompt_embeds, negative,
-                                                  cfg.guidance_scale)
-                ref = ddim_step_logprob(self.scheduler, ref_pred, t, latents, cfg.eta,
-                                        prev_sample=step.prev_sample)
+                    ref_pred = self.predict_noise(
+                        ref_unet, latents, t, prompt_embeds, negative, cfg.guidance_scale
+                    )
+                ref = ddim_step_logprob(
+                    self.scheduler, ref_pred, t, latents, cfg.eta, prev_sample=next_latents
+                )
                 ref_log_probs.append(ref.log_prob)
-            latents = step.prev_sample.float()
+            latents = next_latents.float()
             all_latents.append(latents)
             log_probs.append(step.log_prob)
             if progress is not None:
@@ -274,16 +308,29 @@ class DiffusionPolicy(nn.Module):
             ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
         )
 
-    def step_log_prob(self, unet: nn.Module, latents: torch.Tensor, next_latents: torch.Tensor,
-                      timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-                      negative_embeds: torch.Tensor | None) -> torch.Tensor:
+    def step_log_prob(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
         """log pi_theta(next | latents) under the current weights, for per-sample timesteps [B].
 
         Pass ``negative_embeds=None`` to re-evaluate without classifier-free guidance."""
-        noise_pred = self.predict_noise(unet, latents, timesteps, prompt_embeds, negative_embeds,
-                                        self.sample_cfg.guidance_scale)
-        return ddim_step_logprob(self.scheduler, noise_pred, timesteps, latents,
-                                 self.sample_cfg.eta, prev_sample=next_latents).log_prob
+        noise_pred = self.predict_noise(
+            unet, latents, timesteps, prompt_embeds, negative_embeds, self.sample_cfg.guidance_scale
+        )
+        return ddim_step_logprob(
+            self.scheduler,
+            noise_pred,
+            timesteps,
+            latents,
+            self.sample_cfg.eta,
+            prev_sample=next_latents,
+        ).log_prob
 
     # -- export -------------------------------------------------------------------------------
 
@@ -302,7 +349,9 @@ class DiffusionPolicy(nn.Module):
         if self.model_cfg.finetune == "lora":
             StableDiffusionPipeline.save_lora_weights(
                 directory,
-                unet_lora_layers={k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()},
+                unet_lora_layers={
+                    k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()
+                },
                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
                 safe_serialization=True,
             )

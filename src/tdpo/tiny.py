@@ -1,0 +1,174 @@
+"""Tiny, randomly initialized models built from configs (no download): for tests and smoke runs.
+
+``build_tiny_pipeline(DIR)`` writes a genuine ``StableDiffusionPipeline`` folder (16x16 images,
+8x8x4 latents) that ``from_pretrained(DIR)`` loads like any Hub model; ``build_tiny_clip(DIR)``
+writes a tiny CLIP (vision tower + image processor) usable as the critic's backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "the",
+    "cat",
+    "dog",
+    "horse",
+    "bird",
+    "fish",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "large",
+    "on",
+    "in",
+    "with",
+    "and",
+    "white",
+    "black",
+    "background",
+    "circle",
+    "square",
+    "triangle",
+]
+
+
+def write_word_tokenizer(directory: Path, words: list[str], max_length: int = 16):
+    """A ``CLIPTokenizer`` whose BPE merges turn each of ``words`` into one token."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(words)))
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: dict[str, None] = {}
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merges[f"{current} {piece}"] = None
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    raw = directory / "_raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length
+    )
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+    return tokenizer
+
+
+def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_dim: int = 32):
+    """Save a tiny random ``StableDiffusionPipeline`` (about 0.5 M parameters) to ``directory``."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    tokenizer = write_word_tokenizer(Path(directory) / "_tok", TINY_WORDS)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    tok_dir = Path(directory) / "_tok"
+    if tok_dir.exists():
+        tok_dir.rmdir()
+    return pipe
+
+
+def build_tiny_clip(directory: str | Path, image_size: int = 16, seed: int = 0) -> Path:
+    """Save a tiny random CLIP vision tower with projection and its image processor."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=4,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(directory, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(directory)
+    return Path(directory)
