@@ -1,0 +1,360 @@
+"""The paper's reward models, loaded from the Hugging Face Hub or local copies.
+
+Registered names: ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``, ``clipscore``.
+Each factory is ``factory(device=None, dtype=None, **overrides)`` and returns a
+:class:`HubReward`: ``reward(images, prompts, metadata) -> (rewards [B] float32, info)``.
+
+- Preprocessing is done in torch (see ``tdpo.backbones.preprocess_images``); when the images
+  require grad and grad mode is on, the reward is differentiable w.r.t. the images (AlignProp);
+  otherwise it runs under ``torch.no_grad``. Both paths compute the same values.
+- ``reward.reference(images, prompts)`` scores through the model's own image processor
+  (uint8 PIL images), for parity checks.
+- Model locations: keyword overrides, else environment variables, else Hub ids
+  (``tdpo.rewards.sources``); see ``docs/rewards.md``.
+- ``dtype`` defaults to float16 on CUDA and float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdpo.errors import UsageError
+from tdpo.rewards import register_reward
+from tdpo.rewards.sources import resolve, resolve_file
+
+FIELD = "reward.name"
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+
+
+def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _uint8_arrays(images: torch.Tensor) -> list[np.ndarray]:
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [np.ascontiguousarray(a) for a in arrays.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+class HubReward(nn.Module):
+    """Base: a frozen scorer. Subclasses implement ``score(images, prompts) -> [B]`` (torch path)
+    and optionally ``reference(images, prompts)`` (the model's own processor)."""
+
+    name = "hub"
+    differentiable = True
+
+    def __call__(self, images: torch.Tensor, prompts: list[str],
+                 metadata: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, dict]:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        grad = torch.is_grad_enabled() and images.requires_grad
+        with torch.set_grad_enabled(grad):
+            scores = self.score(images, list(prompts)).float()
+        return scores, {f"{self.name}_mean": scores.detach().mean().item()}
+
+    def train(self, mode: bool = True) -> HubReward:  # noqa: ARG002 - always frozen
+        return super().train(False)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- CLIP-based rewards
+
+
+class CLIPScorer(nn.Module):
+    """A transformers ``CLIPModel`` with a tokenizer and a torch image preprocessing."""
+
+    def __init__(self, model, tokenizer, preprocess, image_processor=None, max_length=77):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.preprocess_config = preprocess
+        self.image_processor = image_processor
+        self.max_length = max_length
+
+    @property
+    def device(self):
+        return self.model.logit_scale.device
+
+    @property
+    def dtype(self):
+        return self.model.logit_scale.dtype
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        from tdpo.backbones import preprocess_images
+
+        return preprocess_images(images.to(self.device), self.preprocess_config)
+
+    def processor_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if self.image_processor is None:
+            raise RuntimeError("no image processor to compare with")
+        out = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.vision_model(pixel_values=pixel_values.to(self.dtype)).pooler_output
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        pooled = self.model.text_model(**tokens).pooler_output
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+
+    def cosine(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return (self.image_features(pixel_values) * self.text_features(prompts)).sum(-1)
+
+
+def _load_clip_model(spec: str, device, dtype, field: str):
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    from tdpo.backbones import _is_local, hub_error_fix
+
+    if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise UsageError(field, spec, "the path does not exist; give a CLIP model folder or a Hub id")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = CLIPModel.from_pretrained(os.path.expanduser(spec), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UsageError(field, spec, hub_error_fix(spec, exc)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_tokenizer(spec: str, field: str):
+    from transformers import AutoTokenizer
+
+    from tdpo.backbones import hub_error_fix
+
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(spec))
+    except (OSError, ValueError) as exc:
+        raise UsageError(field, spec, hub_error_fix(spec, exc)) from None
+
+
+def _load_image_processor(spec: str):
+    from transformers import CLIPImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return CLIPImageProcessor.from_pretrained(os.path.expanduser(spec))
+    except (OSError, ValueError):
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_hf_clip_scorer(model_spec: str, processor_spec: str | None, device, dtype,
+                        field: str = FIELD) -> CLIPScorer:
+    from tdpo.backbones import load_clip_preprocess, preprocess_config_from_processor
+
+    model = _load_clip_model(model_spec, device, dtype, field)
+    tokenizer = None
+    for spec in [processor_spec, model_spec] if processor_spec else [model_spec]:
+        try:
+            tokenizer = _load_tokenizer(spec, field)
+            break
+        except UsageError as exc:
+            error = exc
+    if tokenizer is None:
+        raise error
+    processor = None
+    for spec in [processor_spec, model_spec] if processor_spec else [model_spec]:
+        processor = _load_image_processor(spec)
+        if processor is not None:
+            break
+    preprocess = (preprocess_config_from_processor(processor) if processor is not None else
+                  load_clip_preprocess(model_spec, None, model.config.vision_config.image_size))
+    return CLIPScorer(model, tokenizer, preprocess, processor)
+
+
+class CLIPReward(HubReward):
+    """``scale * cos(image, text)`` (PickScore: scale = exp(logit_scale); HPSv2: 1) or CLIPScore
+    ``100 * max(cos, 0)``."""
+
+    def __init__(self, scorer: CLIPScorer, name: str, kind: str):
+        super().__init__()
+        self.scorer, self.name, self.kind = scorer, name, kind
+
+    def _from_cosine(self, cosine: torch.Tensor) -> torch.Tensor:
+        if self.kind == "logit":
+            return self.scorer.model.logit_scale.exp().float() * cosine
+        if self.kind == "clipscore":
+            return 100.0 * cosine.clamp(min=0)
+        return cosine
+
+    def score(self, images, prompts):
+        return self._from_cosine(self.scorer.cosine(self.scorer.pixels(images), prompts))
+
+    @torch.no_grad()
+    def reference(self, images, prompts):
+        return self._from_cosine(self.scorer.cosine(self.scorer.processor_pixels(images), prompts))
+
+
+@register_reward("pickscore")
+def pickscore(device=None, dtype=None, model: str | None = None, processor: str | None = None):
+    """PickScore_v1: exp(logit_scale) * cos(image, text) (about 18-24 on SD images)."""
+    device, dtype = _device_dtype(device, dtype)
+    scorer = load_hf_clip_scorer(resolve("pickscore_model", model),
+                                 resolve("pickscore_processor", processor), device, dtype)
+    return CLIPReward(scorer, "pickscore", "logit")
+
+
+@register_reward("clipscore")
+def clipscore(device=None, dtype=None, model: str | None = None):
+    """CLIPScore: 100 * max(cos(image, text), 0) with CLIP ViT-L/14 by default."""
+    device, dtype = _device_dtype(device, dtype)
+    spec = resolve("clipscore_model", model)
+    return CLIPReward(load_hf_clip_scorer(spec, None, device, dtype), "clipscore", "clipscore")
+
+
+@register_reward("hpsv2")
+def hpsv2(device=None, dtype=None, checkpoint: str | None = None, tokenizer: str | None = None,
+          arch: str = "ViT-H-14"):
+    """HPS v2.1: cos(image, text) of the HPSv2-fine-tuned open_clip ViT-H-14 (about 0.2-0.35)."""
+    from tdpo.rewards.open_clip_hf import load_open_clip_as_hf
+
+    device, dtype = _device_dtype(device, dtype)
+    path = resolve_file("hpsv2_checkpoint", checkpoint, FIELD)
+    model, preprocess = load_open_clip_as_hf(arch, path, device, dtype, FIELD)
+    scorer = CLIPScorer(model, _load_tokenizer(resolve("hpsv2_tokenizer", tokenizer), FIELD),
+                        preprocess, image_processor=None)
+    return CLIPReward(scorer, "hpsv2", "cosine")
+
+
+# ----------------------------------------------------------------------------- aesthetic
+
+
+class AestheticMLP(nn.Module):
+    """The LAION improved aesthetic predictor head (no nonlinearity, as published)."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings)
+
+
+def load_aesthetic_mlp(path: str, device, field: str = FIELD) -> AestheticMLP:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(field, path, f"cannot read the aesthetic MLP with torch.load("
+                         f"weights_only=True) ({type(exc).__name__})") from None
+    state = state.get("state_dict", state)
+    mlp = AestheticMLP(state["layers.0.weight"].shape[1])
+    try:
+        mlp.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(field, path, f"not the LAION aesthetic MLP ({str(exc).splitlines()[0]})") from None
+    return mlp.to(device).eval().requires_grad_(False)
+
+
+class AestheticReward(HubReward):
+    name = "aesthetic"
+
+    def __init__(self, embedder, mlp: AestheticMLP, image_processor=None):
+        super().__init__()
+        self.embedder, self.mlp, self.image_processor = embedder, mlp, image_processor
+
+    def _head(self, embeddings):
+        return self.mlp(embeddings.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
+
+    def score(self, images, prompts):
+        return self._head(self.embedder(images))
+
+    @torch.no_grad()
+    def reference(self, images, prompts):
+        pixels = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")["pixel_values"]
+        features = self.embedder.encode_pixels(pixels.to(self.embedder.device, self.embedder.dtype))
+        return self._head(F.normalize(features.float(), dim=-1))
+
+
+@register_reward("aesthetic")
+def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None = None):
+    """LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14
+    L2-normalized image embeddings: about 1-10, SD 1.4 images score about 5-6."""
+    from tdpo.backbones import load_hf_clip_embedder
+
+    device, dtype = _device_dtype(device, dtype)
+    clip_spec = resolve("clip_l14", clip)
+    embedder = load_hf_clip_embedder(clip_spec, device, dtype, field_name=FIELD, name="aesthetic")
+    head = load_aesthetic_mlp(resolve_file("aesthetic_mlp", mlp, FIELD), device)
+    return AestheticReward(embedder, head.to(dtype), _load_image_processor(clip_spec))
+
+
+# ----------------------------------------------------------------------------- ImageReward
+
+
+@register_reward("imagereward")
+def imagereward(device=None, dtype=None, checkpoint: str | None = None):
+    """ImageReward-v1.0 through the ``image-reward`` package (``import ImageReward``), when it is
+    importable; standardized with its published mean/std (about -2..2)."""
+    device, dtype = _device_dtype(device, dtype)
+    try:
+        import ImageReward as image_reward_package
+    except Exception as exc:  # noqa: BLE001 - ImportError, or its own broken imports
+        raise UsageError(FIELD, "imagereward", "needs the `image-reward` package, which is not "
+                         f"importable here ({type(exc).__name__}); it pins timm==0.6.13 and "
+                         "imports helpers removed in transformers 5: install it in an environment "
+                         "with transformers<5, see docs/rewards.md") from None
+    name = resolve("imagereward_checkpoint", checkpoint)
+    if name.startswith("hub:"):
+        name = "ImageReward-v1.0"
+    model = image_reward_package.load(name, device=device).to(dtype).eval().requires_grad_(False)
+    return ImageRewardReward(model)
+
+
+class ImageRewardReward(HubReward):
+    """Wraps an ``ImageReward.ImageReward`` model with a torch preprocessing (torchvision's
+    Resize(224, bicubic) + CenterCrop(224), OpenAI CLIP mean/std, as in ImageReward)."""
+
+    name = "imagereward"
+
+    def __init__(self, model):
+        super().__init__()
+        from tdpo.backbones import PreprocessConfig
+
+        self.model = model
+        self.preprocess_config = PreprocessConfig(resize=("shortest_edge", 224), crop=(224, 224),
+                                                  crop_rounding="round")
+
+    def score(self, images, prompts):
+        from tdpo.backbones import preprocess_images
+
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        pixels = preprocess_images(images.to(device), self.preprocess_config).to(dtype)
+        blip = self.model.blip
+        image_embeds = blip.visual_encoder(pixels)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+        text = blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                              return_tensors="pt").to(device)
+        out = blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_atts, return_dict=True)
+        rewards = self.model.mlp.layers(out.last_hidden_state[:, 0, :]).squeeze(-1).float()
+        return (rewards - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
