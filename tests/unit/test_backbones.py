@@ -180,3 +180,14 @@ def test_bad_specs_are_one_line_usage_errors(tmp_path, monkeypatch):
         load_image_embedder("open_clip:ViT-H-14")
     with pytest.raises(UsageError):
         load_image_embedder("")
+
+
+def test_named_specs_follow_their_environment_overrides(clip_dirs, monkeypatch):
+    full, vision, _ = clip_dirs
+    monkeypatch.setenv("TDPO_PICKSCORE_MODEL", str(vision))
+    monkeypatch.setenv("TDPO_PICKSCORE_PROCESSOR", str(full))  # processor from another folder
+    embedder = load_image_embedder("pickscore")
+    assert embedder.embed_dim == 12
+    assert embedder.preprocess_config.mean == pytest.approx((0.5, 0.4, 0.3))
+    monkeypatch.setenv("TDPO_CLIP_L14", str(full))
+    assert load_image_embedder("clip").embed_dim == 16
