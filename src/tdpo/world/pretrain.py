@@ -1,0 +1,322 @@
+"""Pre-training of the shapes world, stage by stage, into an output directory.
+
+Stages (each skipped when ``OUT/<stage>.done.json`` exists, so an interrupted run resumes):
+
+1. ``data``    render the training images (seen prompts) and the CLIP images (all prompts);
+2. ``vae``     train the ``AutoencoderKL`` (32x32 -> 8x8x4), set ``scaling_factor`` = 1 / latent std;
+3. ``unet``    train the ``UNet2DConditionModel`` and the ``CLIPTextModel`` jointly on the latents
+               (10 % caption dropout for classifier-free guidance); save the
+               ``StableDiffusionPipeline`` to ``OUT/pipeline``;
+4. ``clip``    train the tiny ``CLIPModel`` contrastively; save it to ``OUT/clip``;
+5. ``rewards`` sample the base model, label with noisy gold, train the four learned rewards
+               into ``OUT/rewards``;
+6. ``report``  measure everything into ``OUT/world_report.json``.
+
+Long stages write atomic checkpoints (model, optimizer, step) every ``CKPT_EVERY`` steps and
+resume from them. ``steps_scale`` multiplies every step and sample count (0.01 runs the whole
+pipeline in seconds, for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tdpo.world import generator as gen
+from tdpo.world import models
+
+STAGES = ("data", "vae", "unet", "clip", "rewards", "report")
+CKPT_EVERY = 100
+
+# Full-scale sizes (multiplied by steps_scale).
+N_TRAIN_IMAGES = 20000
+N_CLIP_IMAGES = 10000
+VAE_STEPS, VAE_BATCH, VAE_LR = 800, 64, 1e-3
+UNET_STEPS, UNET_BATCH, UNET_LR = 2500, 128, 1e-3
+CLIP_STEPS, CLIP_BATCH, CLIP_LR = 1200, 128, 1e-3
+CAPTION_DROPOUT = 0.1
+
+
+def _scaled(n: int, scale: float, minimum: int = 2) -> int:
+    return max(minimum, int(round(n * scale)))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _progress(total: int, initial: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=quiet, mininterval=5.0)
+
+
+def _train_loop(
+    name: str,
+    out: Path,
+    params_owner: dict[str, torch.nn.Module],
+    opt: torch.optim.Optimizer,
+    steps: int,
+    step_fn: Callable[[int], dict[str, float]],
+    quiet: bool,
+    lr: float,
+) -> dict[str, float]:
+    """Generic resumable loop: cosine LR with warmup, checkpoints, tqdm, EMA of the loss."""
+    ckpt = out / f"{name}.ckpt.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        for k, m in params_owner.items():
+            m.load_state_dict(state["models"][k])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        random.setstate(state["py_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    warmup = max(1, min(100, steps // 10))
+    ema: dict[str, float] = {}
+    bar = _progress(steps, start, name, quiet)
+    for step in range(start, steps):
+        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr * max(f, 0.02)
+        logs = step_fn(step)
+        for k, v in logs.items():
+            ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+        bar.update(1)
+        if (step + 1) % 20 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in ema.items()})
+        if (step + 1) % CKPT_EVERY == 0 and step + 1 < steps:
+            _atomic_save(
+                {
+                    "models": {k: m.state_dict() for k, m in params_owner.items()},
+                    "optimizer": opt.state_dict(),
+                    "step": step + 1,
+                    "py_rng": random.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                ckpt,
+            )
+    bar.close()
+    if ckpt.exists():
+        ckpt.unlink()
+    return ema
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    n = _scaled(N_TRAIN_IMAGES, scale, 64)
+    images, prompts, _ = gen.generate(n, seed=seed)
+    nc = _scaled(N_CLIP_IMAGES, scale, 64)
+    cimages, cprompts, _ = gen.generate(nc, seed=seed + 1, combos=gen.all_combos())
+    to8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    _atomic_save({"images": to8(images), "prompts": prompts}, out / "data_train.pt")
+    _atomic_save({"images": to8(cimages), "prompts": cprompts}, out / "data_clip.pt")
+    return {"train_images": n, "clip_images": nc}
+
+
+def _load_images(out: Path, name: str) -> tuple[torch.Tensor, list[str]]:
+    d = torch.load(out / name, weights_only=False)
+    return d["images"].float() / 255.0, d["prompts"]
+
+
+def stage_vae(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    images, _ = _load_images(out, "data_train.pt")
+    x_all = images * 2 - 1
+    torch.manual_seed(seed)
+    vae = models.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
+    steps = _scaled(VAE_STEPS, scale)
+    gen_ = torch.Generator().manual_seed(seed)
+
+    def step_fn(step: int) -> dict[str, float]:
+        idx = torch.randint(0, len(x_all), (VAE_BATCH,), generator=gen_)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / (3 * 32 * 32)
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"mse": mse.item()}
+
+    logs = _train_loop("vae", out, {"vae": vae}, opt, steps, step_fn, quiet, VAE_LR)
+    vae.eval()
+    with torch.no_grad():
+        x = x_all[:512]
+        lat = vae.encode(x).latent_dist.mean
+        std = lat.std().item()
+        mse = F.mse_loss(vae.decode(lat).sample, x).item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    return {"steps": steps, "mse": mse, "latent_std": std, "scaling_factor": 1.0 / std, **logs}
+
+
+def _encode_latents(
+    vae, images: torch.Tensor, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            d = vae.encode(images[i : i + batch] * 2 - 1).latent_dist
+            means.append(d.mean)
+            stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    images, prompts = _load_images(out, "data_train.pt")
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    sf = vae.config.scaling_factor
+    lat_mean, lat_std = _encode_latents(vae, images)
+    tokenizer = models.build_tokenizer(out / "tokenizer_src")
+    ids = _tokenize(tokenizer, prompts)
+    empty = _tokenize(tokenizer, [""])[0]
+    torch.manual_seed(seed)
+    unet = models.build_unet()
+    text_encoder = models.build_text_encoder(tokenizer)
+    sched = models.build_scheduler()
+    acp = sched.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
+    steps = _scaled(UNET_STEPS, scale)
+    g = torch.Generator().manual_seed(seed + 7)
+
+    def step_fn(step: int) -> dict[str, float]:
+        idx = torch.randint(0, len(lat_mean), (UNET_BATCH,), generator=g)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf
+        tok = ids[idx].clone()
+        drop = torch.rand(UNET_BATCH, generator=g) < CAPTION_DROPOUT
+        tok[drop] = empty
+        t = torch.randint(0, sched.config.num_train_timesteps, (UNET_BATCH,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        emb = text_encoder(tok)[0]
+        pred = unet(zt, t, emb).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return {"loss": loss.item()}
+
+    logs = _train_loop(
+        "unet",
+        out,
+        {"unet": unet, "text_encoder": text_encoder},
+        opt,
+        steps,
+        step_fn,
+        quiet,
+        UNET_LR,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    return {
+        "steps": steps,
+        "unet_params": models.n_params(unet),
+        "text_encoder_params": models.n_params(text_encoder),
+        "vae_params": models.n_params(vae),
+        **logs,
+    }
+
+
+STAGE_FNS: dict[str, Callable[[Path, float, int, bool], dict]] = {
+    "data": stage_data,
+    "vae": stage_vae,
+    "unet": stage_unet,
+}
+
+
+def run_pretrain(
+    out: str | Path,
+    steps_scale: float = 1.0,
+    seed: int = 0,
+    stages: list[str] | None = None,
+    quiet: bool = False,
+    num_threads: int = 1,
+) -> dict:
+    """Run (or resume) the stages into ``out``; returns {stage: info}."""
+    torch.set_num_threads(num_threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for stage in stages or STAGES:
+        done = out / f"{stage}.done.json"
+        if done.exists():
+            results[stage] = json.loads(done.read_text())
+            if not quiet:
+                print(f"[world] stage {stage}: already done, skipped")
+            continue
+        t0 = time.time()
+        if not quiet:
+            print(f"[world] stage {stage} ...", flush=True)
+        info = STAGE_FNS[stage](out, steps_scale, seed, quiet)
+        info["seconds"] = round(time.time() - t0, 1)
+        _write_json(done, info)
+        results[stage] = info
+        if not quiet:
+            print(
+                f"[world] stage {stage} done in {info['seconds']:.1f} s: "
+                + json.dumps({k: v for k, v in info.items() if not isinstance(v, (dict, list))}),
+                flush=True,
+            )
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="shapes_world")
+    p.add_argument("--steps-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    t = time.time()
+    stages = a.stages.split(",") if a.stages else None
+    run_pretrain(a.out, a.steps_scale, a.seed, stages, num_threads=a.threads)
+    print(f"[world] total {time.time() - t:.1f} s")
