@@ -47,7 +47,7 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
 
 def _load_builtin_modules() -> None:
     # Importing these modules registers their factories; their heavy imports stay deferred.
-    from tdpo.rewards import builtin  # noqa: F401
+    from tdpo.rewards import builtin, hub  # noqa: F401
 
     try:
         from tdpo.world import rewards as _world_rewards  # noqa: F401
@@ -64,19 +64,44 @@ def is_dotted_path(spec: str) -> bool:
     return ":" in spec and "." in spec.split(":", 1)[0]
 
 
+def _is_weighted(spec: str, field: str) -> bool:
+    from tdpo.rewards.combine import parse_reward_spec
+
+    return "," in spec or parse_reward_spec(spec, field) != [(spec, 1.0)]
+
+
 def check_reward_name(spec: str, field: str = "reward.name") -> None:
-    """Validate a reward name without building it (no model loads)."""
+    """Validate a reward name or weighted spec ``a:1.0,b:0.5`` without building it (no loads)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(field, spec, "name a reward, e.g. jpeg_compressibility")
+    if _is_weighted(spec, field):
+        from tdpo.rewards.combine import parse_reward_spec
+
+        for name, _ in parse_reward_spec(spec, field):
+            check_reward_name(name, field)
+        return
     if is_dotted_path(spec):
         return
     names = available_rewards()
     if spec not in names:
-        raise UsageError(field, spec, f"unknown reward; choose one of {', '.join(names)} "
-                         "or give a factory as package.module:callable")
+        raise UsageError(
+            field,
+            spec,
+            f"unknown reward; choose one of {', '.join(names)} "
+            "or give a factory as package.module:callable",
+        )
 
 
-def build_reward(spec: str, device: torch.device | str = "cpu", field: str = "reward.name") -> Reward:
-    """Build a reward from a registered name or a ``package.module:factory`` path."""
+def build_reward(
+    spec: str, device: torch.device | str = "cpu", field: str = "reward.name"
+) -> Reward:
+    """Build a reward from a registered name, a ``package.module:factory`` path, or a weighted
+    sum of those such as ``"pickscore:1.0,aesthetic:0.5"``."""
     device = torch.device(device)
+    if _is_weighted(spec, field):
+        from tdpo.rewards.combine import build_reward_spec
+
+        return build_reward_spec(spec, device, field)
     if is_dotted_path(spec):
         module_name, attr = spec.split(":", 1)
         try:

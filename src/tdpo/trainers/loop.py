@@ -95,7 +95,11 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.log = log
-        self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[config.mixed_precision])
+        # cpu=True without CUDA: several processes then form a gloo (MULTI_CPU) group.
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[config.mixed_precision],
+            cpu=not torch.cuda.is_available(),
+        )
         acc = self.accelerator
         self.is_main = acc.is_main_process
         self.device = acc.device
@@ -108,7 +112,8 @@ class Trainer:
         self.prompts = load_prompts(config.prompts.train)
         self.is_tdpo = config.train.algorithm == "tdpo"
         self.use_kl = config.kl.coef > 0
-        # -- models ---------------------------------------------------------------------------
+        # -- models (LoRA and critic initialization drawn from the run's seed) ----------------
+        torch.manual_seed(derive_seed(config.seed, 0))
         weight_dtype = torch.float32
         if self.device.type == "cuda" and config.mixed_precision != "fp32":
             weight_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16

@@ -32,19 +32,27 @@ class EpochBatch:
 
 
 def optimizer_step(
-    accelerator, optimizer, clip_groups: list[tuple[list[nn.Parameter], float]]
+    optimizer: torch.optim.Optimizer,
+    clip_groups: list[tuple[list[nn.Parameter], float]],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[float]:
     """Unscale once, clip each model's gradient norm separately, step, zero.
 
     One optimizer holds both models (two parameter groups), so under fp16 the gradient scaler
     unscales every gradient exactly once. (The reference code's two optimizers shared one scaler:
-    the critic's gradients were unscaled twice and the critic barely learned.)
+    after the first optimizer's step and scaler update, unscaling again divided the critic's
+    gradients by the loss scale a second time, and the critic barely learned.)
     """
-    accelerator.unscale_gradients()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norms = [
         float(torch.nn.utils.clip_grad_norm_(params, max_norm)) for params, max_norm in clip_groups
     ]
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norms
 
@@ -128,7 +136,11 @@ def run_updates(
             if loss.requires_grad:  # all-deterministic steps (sigma=0) carry no gradient
                 accelerator.backward(loss / schedule.accumulation)
         if is_update:
-            norms = optimizer_step(accelerator, optimizer, clip_groups)
+            norms = optimizer_step(
+                getattr(optimizer, "optimizer", optimizer),
+                clip_groups,
+                getattr(accelerator, "scaler", None),
+            )
             sums["policy_grad_norm"] = sums.get("policy_grad_norm", 0.0) + norms[0]
         sums["policy_loss"] = sums.get("policy_loss", 0.0) + policy_loss.item()
         for key in ("approx_kl", "clipfrac"):

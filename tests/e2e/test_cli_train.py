@@ -1,0 +1,181 @@
+"""End-to-end: the CLI in-process through main(argv), on tiny models built from configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tdpo.cli import main
+from tdpo.tracking import read_metrics
+from tests.conftest import as_set_args, tiny_overrides
+
+VOLATILE = ("seconds",)  # wall-clock fields differ between any two runs
+
+
+def _train(pipeline_dir, clip_dir, out_dir, name, *extra_args, **overrides):
+    args = [
+        "train",
+        "--preset",
+        "tdpo-r",
+        "--output-dir",
+        str(out_dir),
+        *as_set_args(tiny_overrides(pipeline_dir, clip_dir, run_name=name, **overrides)),
+        *extra_args,
+    ]
+    return main(args)
+
+
+def _comparable(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
+
+
+def test_two_epoch_run_writes_the_run_directory(tiny_pipeline_dir, tiny_clip_dir, tmp_path, capsys):
+    code = _train(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path,
+        "run",
+        **{"reward.panel": ["jpeg_incompressibility"], "reset.every": 1},
+    )
+    assert code == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert f"run directory: {run}" in out and "epoch 2/2" in out
+    assert (run / "config.yaml").is_file()
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in (
+        "reward_queries",
+        "reward_mean",
+        "reward_std",
+        "panel/jpeg_incompressibility",
+        "policy_loss",
+        "critic_loss",
+        "approx_kl",
+        "clipfrac",
+        "critic_ev",
+        "dormant_fraction",
+        "active_fraction",
+        "neurons_reset",
+        "seconds",
+    ):
+        assert key in rows[-1], key
+    assert rows[-1]["reward_queries"] == 16
+    assert rows[0]["neurons_reset"] > 0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "epoch_0001.png",
+        "epoch_0002.png",
+    ]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch_000001",
+        "epoch_000002",
+    ]
+    assert (run / "final" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+    # A second run into the same folder is refused instead of clobbering it.
+    assert _train(tiny_pipeline_dir, tiny_clip_dir, tmp_path, "run") == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
+    tiny_pipeline_dir, tiny_clip_dir, tmp_path
+):
+    common = {"train.epochs": 4, "reset.every": 2}
+    assert _train(tiny_pipeline_dir, tiny_clip_dir, tmp_path, "full", **common) == 0
+    assert (
+        _train(tiny_pipeline_dir, tiny_clip_dir, tmp_path, "split", **{**common, "train.epochs": 2})
+        == 0
+    )
+    assert main(["train", "--resume", str(tmp_path / "split"), "--set", "train.epochs=4"]) == 0
+    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    assert len(full) == len(split) == 4
+    for a, b in zip(_comparable(full), _comparable(split)):
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(x, float) and not (x is None or math.isnan(x)):
+                assert y == pytest.approx(x, rel=1e-5, abs=1e-7), key
+            else:
+                assert x == y, key
+
+
+BAD_CONFIGS = [
+    (["--set", "train.epoch=3"], "train.epoch"),
+    (["--set", "train.epochs=three"], "train.epochs"),
+    (["--set", "train.epochs=0"], "train.epochs"),
+    (["--set", "sample.eta=0"], "sample.eta"),
+    (["--set", "sample.batch_size=3"], "sample.batch_size"),
+    (["--set", "train.updates_per_epoch=3"], "train.updates_per_epoch"),
+    (["--set", "reset.target=sleepy"], "reset.target"),
+    (["--set", "mixed_precision=fp8"], "mixed_precision"),
+    (["--set", "reward.name=no_such_reward"], "reward.name"),
+    (["--set", "prompts.train=no_such_set"], "prompts.train"),
+    (["--model", "/no/such/pipeline"], "model.pretrained"),
+    (["--set", "train.norm_min_count=100"], "train.norm_min_count"),
+    (["--config", "/no/such/file.yaml"], "--config"),
+    (["--set", "noequals"], "--set"),
+]
+
+
+@pytest.mark.parametrize(("args", "field"), BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line_naming_the_field(
+    args, field, tiny_pipeline_dir, tmp_path, capsys
+):
+    base = [
+        "train",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "sample.samples_per_epoch=8",
+        "--set",
+        "sample.batch_size=4",
+        "--set",
+        "sample.num_steps=4",
+    ]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert field in err
+    assert not any(tmp_path.iterdir()), "a rejected config must not create a run directory"
+
+
+def test_unknown_preset_is_an_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "nope"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1,\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "line" in capsys.readouterr().err
+
+
+def test_help_lists_every_field(capsys):
+    from tdpo.config import iter_fields
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name, *_ in iter_fields():
+        assert name in text
+
+
+def test_dry_run_prints_schedule_and_loads_nothing(capsys):
+    assert main(["train", "--preset", "tdpo", "--dry-run", "--model", "some/hub-id"]) == 0
+    out = capsys.readouterr().out
+    assert "updates per epoch: 100" in out and "gradient accumulation: 128" in out
+
+
+def test_yaml_config_file_is_applied(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"train": {"epochs": 7}, "sample": {"num_steps": 10}}))
+    assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 7" in out and "num_steps: 10" in out
