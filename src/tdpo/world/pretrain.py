@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from tdpo.world import generator as gen
 from tdpo.world import models
+from tdpo.world.rewards import pooled as _pooled
 
 STAGES = ("data", "vae", "unet", "clip", "rewards", "report")
 CKPT_EVERY = 100
@@ -41,9 +42,10 @@ CKPT_EVERY = 100
 N_TRAIN_IMAGES = 20000
 N_CLIP_IMAGES = 10000
 VAE_STEPS, VAE_BATCH, VAE_LR = 800, 64, 1e-3
-UNET_STEPS, UNET_BATCH, UNET_LR = 2500, 128, 1e-3
+UNET_STEPS, UNET_BATCH, UNET_LR = 1600, 128, 1e-3
 CLIP_STEPS, CLIP_BATCH, CLIP_LR = 1200, 128, 1e-3
 CAPTION_DROPOUT = 0.1
+N_POOL, N_EVAL, N_CLEAN = 1536, 256, 512  # base samples for labels, for evaluation; clean images
 
 
 def _scaled(n: int, scale: float, minimum: int = 2) -> int:
@@ -263,10 +265,136 @@ def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     }
 
 
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Half the batch blurred and noised a little, so the tiny CLIP also embeds imperfect
+    (diffusion-like) images sensibly."""
+    b = x.shape[0]
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    w = torch.rand(b, 1, 1, 1, generator=g) * (torch.rand(b, 1, 1, 1, generator=g) < 0.5)
+    x = (1 - w) * x + w * blur
+    noise = torch.randn(x.shape, generator=g) * 0.05 * torch.rand(b, 1, 1, 1, generator=g)
+    keep = (torch.rand(b, 1, 1, 1, generator=g) < 0.5).float()
+    return (x + keep * noise).clamp(0, 1)
+
+
+def stage_clip(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    from tdpo.world.evaluate import clip_retrieval
+    from tdpo.world.rewards import ClipFeatures
+
+    images, prompts = _load_images(out, "data_clip.pt")
+    tokenizer = models.build_tokenizer(out / "tokenizer_src")
+    all_p = gen.all_prompts()
+    index = {p: i for i, p in enumerate(all_p)}
+    labels = torch.tensor([index[p] for p in prompts])
+    all_ids = _tokenize(tokenizer, all_p)
+    torch.manual_seed(seed + 11)
+    clip = models.build_clip(tokenizer)
+    feats = ClipFeatures(clip, tokenizer)
+    clip.train().requires_grad_(True)
+    opt = torch.optim.AdamW(clip.parameters(), lr=CLIP_LR, weight_decay=1e-2)
+    steps = _scaled(CLIP_STEPS, scale)
+    g = torch.Generator().manual_seed(seed + 13)
+
+    def step_fn(step: int) -> dict[str, float]:
+        idx = torch.randint(0, len(images), (CLIP_BATCH,), generator=g)
+        x = _augment(images[idx], g)
+        img = F.normalize(
+            _pooled(clip.get_image_features(pixel_values=feats.preprocess(x))), dim=-1
+        )
+        txt = F.normalize(_pooled(clip.get_text_features(input_ids=all_ids)), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T  # [B, 120]
+        y = labels[idx]
+        loss_i = F.cross_entropy(logits, y)
+        # caption -> image over the batch, every image of that caption a positive
+        present = torch.unique(y)
+        pos = (y[None, :] == present[:, None]).float()
+        lt = logits.T[present]  # [P, B]
+        loss_t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(lt, 1)).sum(1).mean()
+        loss = (loss_i + loss_t) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(1) == y).float().mean().item()
+        return {"loss": loss.item(), "acc": acc}
+
+    logs = _train_loop("clip", out, {"clip": clip}, opt, steps, step_fn, quiet, CLIP_LR)
+    clip.eval().requires_grad_(False)
+    clip.save_pretrained(out / "clip", safe_serialization=True)
+    tokenizer.save_pretrained(out / "clip")
+    models.build_image_processor().save_pretrained(out / "clip")
+    retrieval = clip_retrieval(ClipFeatures(clip, tokenizer), n=_scaled(1200, scale, 120))
+    return {"steps": steps, "params": models.n_params(clip), "retrieval": retrieval, **logs}
+
+
+def _base_samples(out: Path, scale: float, seed: int, quiet: bool) -> dict[str, Any]:
+    """Base-model samples for labels and evaluation (cached in OUT/samples.pt)."""
+    from tdpo.world.evaluate import load_pipeline, prompt_draw, sample
+
+    path = out / "samples.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    pipe = load_pipeline(out / "pipeline")
+    sets = {
+        "pool": (gen.seen_prompts(), _scaled(N_POOL, scale, 32), seed + 101),
+        "eval_seen": (gen.seen_prompts(), _scaled(N_EVAL, scale, 16), seed + 202),
+        "eval_unseen": (gen.unseen_prompts(), _scaled(N_EVAL, scale, 16), seed + 303),
+    }
+    data: dict[str, Any] = {}
+    for name, (pool, n, s) in sets.items():
+        t0 = time.time()
+        prompts = prompt_draw(pool, n, s)
+        images = sample(pipe, prompts, seed=s)
+        data[name] = {"images": (images * 255).round().to(torch.uint8), "prompts": prompts}
+        if not quiet:
+            print(
+                f"[world] sampled {n} base images ({name}) in {time.time() - t0:.1f} s", flush=True
+            )
+    imgs, prompts, _ = gen.generate(_scaled(N_CLEAN, scale, 16), seed=seed + 404)
+    data["clean"] = {"images": (imgs * 255).round().to(torch.uint8), "prompts": prompts}
+    _atomic_save(data, path)
+    return data
+
+
+def stage_rewards(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    from tdpo.world import gold
+    from tdpo.world.rewards import ClipFeatures, train_learned_rewards
+
+    data = _base_samples(out, scale, seed, quiet)
+    images = {k: v["images"].float() / 255 for k, v in data.items()}
+    prompts = {k: v["prompts"] for k, v in data.items()}
+    feats = ClipFeatures.from_pretrained(out / "clip")
+    info = train_learned_rewards(
+        out / "rewards", feats, images, prompts, gold, scale=scale, seed=seed, quiet=quiet
+    )
+    return info
+
+
+def stage_report(out: Path, scale: float, seed: int, quiet: bool) -> dict:
+    from tdpo.world.evaluate import evaluate_world
+
+    report = evaluate_world(
+        out,
+        samples=_base_samples(out, scale, seed, quiet),
+        retrieval_images=_scaled(1200, scale, 120),
+    )
+    stages = {}
+    for stage in STAGES[:-1]:
+        done = out / f"{stage}.done.json"
+        if done.exists():
+            stages[stage] = json.loads(done.read_text())
+    report["pretraining"] = stages
+    report["pretraining_seconds"] = round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    _write_json(out / "world_report.json", report)
+    return {"report": str(out / "world_report.json")}
+
+
 STAGE_FNS: dict[str, Callable[[Path, float, int, bool], dict]] = {
     "data": stage_data,
     "vae": stage_vae,
     "unet": stage_unet,
+    "clip": stage_clip,
+    "rewards": stage_rewards,
+    "report": stage_report,
 }
 
 

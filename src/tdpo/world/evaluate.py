@@ -1,0 +1,185 @@
+"""Measurements of the shapes world: base-model samples and their gold figures, tiny-CLIP
+retrieval, learned-reward correlations with gold."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdpo.world import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_STEPS, gold
+from tdpo.world import generator as gen
+
+
+def load_pipeline(path: str | Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    prompts: list[str],
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    eta: float = DEFAULT_ETA,
+    batch: int = 256,
+) -> torch.Tensor:
+    """Images [N, 3, 32, 32] in [0, 1] from the pipeline, deterministic by seed."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        res = pipe(
+            prompts[i : i + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            eta=eta,
+            generator=g,
+            output_type="pt",
+        )
+        out.append(res.images.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def prompt_draw(prompts: list[str], n: int, seed: int) -> list[str]:
+    """``n`` prompts: every prompt in turn, then a seeded shuffle (balanced over prompts)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        block = list(prompts)
+        rng.shuffle(block)
+        out += block
+    return out[:n]
+
+
+def gold_summary(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    ev = gold.evaluate(images, prompts)
+    return {k: round(float(v.mean()), 4) for k, v in ev.items()}
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double().flatten() - a.double().mean()
+    b = b.double().flatten() - b.double().mean()
+    d = (a.norm() * b.norm()).item()
+    return float((a @ b).item() / d) if d > 0 else 0.0
+
+
+@torch.no_grad()
+def clip_retrieval(features, n: int = 1200, seed: int = 12345) -> dict[str, float]:
+    """Image -> caption top-1 accuracy over all the world's prompts, on fresh generator images."""
+    prompts = gen.all_prompts()
+    images, caps, _ = gen.generate(n, seed=seed, combos=gen.all_combos())
+    txt = features.text_embeds(prompts)
+    img = torch.cat([features.image_embeds(images[i : i + 256]) for i in range(0, n, 256)])
+    pred = (img @ txt.T).argmax(1)
+    index = {p: i for i, p in enumerate(prompts)}
+    target = torch.tensor([index[c] for c in caps])
+    unseen = {gen.make_prompt(*c) for c in gen.UNSEEN_COMBOS}
+    mask = torch.tensor([c in unseen for c in caps])
+    correct = (pred == target).float()
+    return {
+        "top1_all": round(float(correct.mean()), 4),
+        "top1_unseen_combos": round(float(correct[mask].mean()), 4) if mask.any() else 0.0,
+        "n_images": n,
+        "n_captions": len(prompts),
+    }
+
+
+@torch.no_grad()
+def reward_scores(
+    reward, images: torch.Tensor, prompts: list[str], batch: int = 256
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        r, _ = reward(
+            images[i : i + batch], prompts[i : i + batch], [{}] * len(prompts[i : i + batch])
+        )
+        out.append(r.detach().float().cpu())
+    return torch.cat(out)
+
+
+def reward_correlations(
+    rewards: dict[str, Any], sets: dict[str, tuple[torch.Tensor, list[str]]]
+) -> dict[str, dict[str, float]]:
+    """Pearson correlation of each learned reward with the gold metric it stands for."""
+    from tdpo.world.rewards import GOLD_FOR
+
+    out: dict[str, dict[str, float]] = {}
+    for set_name, (images, prompts) in sets.items():
+        ev = gold.evaluate(images, prompts)
+        for name, reward in rewards.items():
+            scores = reward_scores(reward, images, prompts)
+            target = ev[GOLD_FOR[name]]
+            out.setdefault(name, {})[f"pearson_{set_name}"] = round(pearson(scores, target), 4)
+            out[name][f"pearson_gold_{set_name}"] = round(pearson(scores, ev["gold"]), 4)
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def evaluate_world(
+    weights_dir: str | Path,
+    samples: dict[str, Any] | None = None,
+    n: int = 256,
+    seed: int = 0,
+    quiet: bool = True,
+    retrieval_images: int = 1200,
+) -> dict[str, Any]:
+    """All the world's figures for a weights directory (``pipeline/``, ``clip/``, ``rewards/``).
+
+    ``samples`` (as cached by pre-training: ``eval_seen``, ``eval_unseen``, ``clean``, each with
+    uint8 ``images`` and ``prompts``) avoids re-sampling; otherwise ``n`` base samples of seen
+    and of unseen prompts are drawn with the default sampler settings."""
+    from tdpo.world.rewards import LEARNED, ClipFeatures, load_learned_reward
+
+    root = Path(weights_dir)
+    if samples is None:
+        pipe = load_pipeline(root / "pipeline")
+        samples = {}
+        for name, pool, s in (
+            ("eval_seen", gen.seen_prompts(), seed + 202),
+            ("eval_unseen", gen.unseen_prompts(), seed + 303),
+        ):
+            prompts = prompt_draw(pool, n, s)
+            samples[name] = {"images": sample(pipe, prompts, seed=s), "prompts": prompts}
+        imgs, prompts, _ = gen.generate(n, seed=seed + 404)
+        samples["clean"] = {"images": imgs, "prompts": prompts}
+
+    def as_float(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+    sets = {
+        "base_seen": (as_float(samples["eval_seen"]["images"]), samples["eval_seen"]["prompts"]),
+        "base_unseen": (
+            as_float(samples["eval_unseen"]["images"]),
+            samples["eval_unseen"]["prompts"],
+        ),
+        "clean": (as_float(samples["clean"]["images"]), samples["clean"]["prompts"]),
+    }
+    report: dict[str, Any] = {
+        "sampler": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "eta": DEFAULT_ETA},
+        "gold": {k: dict(gold_summary(*v), n=len(v[1])) for k, v in sets.items()},
+    }
+    feats = ClipFeatures.from_pretrained(root / "clip")
+    report["clip_retrieval"] = clip_retrieval(feats, n=retrieval_images)
+    rewards = {}
+    for name in LEARNED:
+        if (root / "rewards" / f"{name}.safetensors").exists():
+            rewards[name] = load_learned_reward(name, root, features=feats)
+    corr = reward_correlations(rewards, sets)
+    for name, r in rewards.items():
+        cfg = {k: v for k, v in r.config.items() if k not in ("head_kwargs",)}
+        corr[name] = {**cfg, **corr[name]}
+    report["rewards"] = corr
+    report["sizes_bytes"] = {
+        d: _dir_bytes(root / d) for d in ("pipeline", "clip", "rewards") if (root / d).exists()
+    }
+    return report
