@@ -96,6 +96,12 @@ def _print_report(report: dict) -> None:
             f"pearson base seen {c.get('pearson_base_seen'):.3f}, "
             f"unseen {c.get('pearson_base_unseen'):.3f}, clean {c.get('pearson_clean'):.3f}"
         )
+    for name, h in report.get("pixel_hack", {}).items():
+        print(
+            f"  pixel-space ascent on {name}: reward {h['reward_before']:.3f} -> "
+            f"{h['reward_after']:.3f}, gold {h['target']} {h['target_before']:.3f} -> "
+            f"{h['target_after']:.3f}, gold {h['gold_before']:.3f} -> {h['gold_after']:.3f}"
+        )
     sizes = report.get("sizes_bytes", {})
     if sizes:
         print("  sizes: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))

@@ -132,6 +132,8 @@ def evaluate_world(
     seed: int = 0,
     quiet: bool = True,
     retrieval_images: int = 1200,
+    hack_images: int = 64,
+    hack_steps: int = 100,
 ) -> dict[str, Any]:
     """All the world's figures for a weights directory (``pipeline/``, ``clip/``, ``rewards/``).
 
@@ -179,7 +181,52 @@ def evaluate_world(
         cfg = {k: v for k, v in r.config.items() if k not in ("head_kwargs",)}
         corr[name] = {**cfg, **corr[name]}
     report["rewards"] = corr
+    if hack_images:
+        x, p = sets["base_seen"]
+        x, p = x[:hack_images], p[:hack_images]
+        report["pixel_hack"] = {
+            name: pixel_hack(r, x, p, steps=hack_steps) for name, r in rewards.items()
+        }
     report["sizes_bytes"] = {
         d: _dir_bytes(root / d) for d in ("pipeline", "clip", "rewards") if (root / d).exists()
     }
     return report
+
+
+def pixel_hack(
+    reward, images: torch.Tensor, prompts: list[str], steps: int = 100, lr: float = 0.05
+) -> dict[str, float]:
+    """Over-optimization probe: gradient ascent on the pixels themselves (logit
+    parameterization, Adam) against ``reward``, starting from ``images``. Returns the reward
+    and the gold figures before and after. A learned reward that rises while gold falls is
+    hackable off the base distribution, as real reward models are."""
+    from tdpo.world.rewards import GOLD_FOR
+
+    z = torch.logit(images.float().clamp(0.02, 0.98)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    meta = [{} for _ in prompts]
+    with torch.no_grad():
+        r0 = reward(images, prompts, meta)[0].mean().item()
+        g0 = gold.evaluate(images, prompts)
+    for _ in range(steps):
+        r, _ = reward(torch.sigmoid(z), prompts, meta)
+        opt.zero_grad(set_to_none=True)
+        (-r.mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        x = torch.sigmoid(z)
+        r1 = reward(x, prompts, meta)[0].mean().item()
+        g1 = gold.evaluate(x, prompts)
+    name = getattr(reward, "name", "")
+    target = GOLD_FOR.get(name, "gold")
+    return {
+        "reward_before": round(r0, 4),
+        "reward_after": round(r1, 4),
+        "target": target,
+        "target_before": round(float(g0[target].mean()), 4),
+        "target_after": round(float(g1[target].mean()), 4),
+        "gold_before": round(float(g0["gold"].mean()), 4),
+        "gold_after": round(float(g1["gold"].mean()), 4),
+        "steps": steps,
+        "images": len(prompts),
+    }

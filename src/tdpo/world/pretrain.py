@@ -376,6 +376,8 @@ def stage_report(out: Path, scale: float, seed: int, quiet: bool) -> dict:
         out,
         samples=_base_samples(out, scale, seed, quiet),
         retrieval_images=_scaled(1200, scale, 120),
+        hack_images=_scaled(64, scale, 4),
+        hack_steps=_scaled(100, scale, 2),
     )
     stages = {}
     for stage in STAGES[:-1]:
