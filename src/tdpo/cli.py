@@ -1,4 +1,4 @@
-"""The ``tdpo`` command: ``tdpo train | sample | world``.
+"""The ``tdpo`` command: ``tdpo train | sample | world | eval | report | sweep``.
 
 ``main(argv) -> int`` never raises for a user mistake: it prints one line naming the field, the
 value and the fix, and returns 2.
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_world_parser(sub)
+
+    from tdpo.evalcli import add_eval_parser
+    from tdpo.report import add_report_parser
+    from tdpo.sweep import add_sweep_parser
+
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -289,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command in ("eval", "report", "sweep"):
+            if args.command == "eval":
+                from tdpo.evalcli import run_eval
+
+                return run_eval(args)
+            if args.command == "report":
+                from tdpo.report import run_report
+
+                return run_report(args)
+            from tdpo.sweep import run_sweep
+
+            return run_sweep(args)
         if args.command == "world":
             from tdpo.world.cli import run_world
 

@@ -1,0 +1,216 @@
+"""``tdpo eval``: score a pipeline plus an optional LoRA on prompts x seeds with one or more
+rewards, standalone (no run directory needed).
+
+Each image is sampled by the pipeline's own ``__call__`` (DDIM, ``output_type="pt"``) with its
+own ``torch.Generator().manual_seed(seed)``, so an image depends only on (model, LoRA, prompt,
+seed, sampler options), not on the batch it was drawn in or on the other prompts: the same command
+gives the same numbers. Writes a JSON summary (per reward: mean, std over all images, and the
+mean per prompt; every image's scores) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tdpo.errors import UsageError
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "eval",
+        help="score a pipeline (+ LoRA) on prompts x seeds with one or more rewards",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "'"),
+    )
+    parser.add_argument("--model", required=True, metavar="ID_OR_PATH", help="pipeline id/folder")
+    parser.add_argument("--lora", metavar="DIR", help="LoRA folder (a run's final/ or best/)")
+    parser.add_argument(
+        "--prompts", metavar="SET_OR_FILE", help="a prompt set name or .txt file (one a line)"
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument(
+        "--max-prompts", type=int, default=0, help="use the first N prompts (0 = all)"
+    )
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one image each")
+    parser.add_argument(
+        "--reward", action="append", default=[], metavar="NAME", help="a reward (repeatable)"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument("--out", default="eval.json", metavar="FILE.json", help="JSON summary")
+    parser.add_argument("--grid", metavar="FILE.png", help="also save a grid of the images")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    from tdpo.prompts import load_prompts
+    from tdpo.rewards import check_reward_name
+
+    prompts = list(args.prompt) + (load_prompts(args.prompts, "--prompts") if args.prompts else [])
+    if args.max_prompts < 0:
+        raise UsageError("--max-prompts", args.max_prompts, "must be >= 0 (0 = all)")
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    if not prompts:
+        raise UsageError("--prompts", None, "give a prompt set or file (--prompts) or --prompt")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError("--seeds", args.seeds, "comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError("--seeds", args.seeds, "give distinct integers, e.g. 0,1,2")
+    if not args.reward:
+        raise UsageError("--reward", None, "name at least one reward, e.g. --reward aesthetic")
+    for name in args.reward:
+        check_reward_name(name, "--reward")
+    if args.steps < 1:
+        raise UsageError("--steps", args.steps, "must be >= 1")
+    if args.guidance < 1.0:
+        raise UsageError("--guidance", args.guidance, "must be >= 1.0 (1 = no guidance)")
+    if args.eta < 0:
+        raise UsageError("--eta", args.eta, "must be >= 0")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size", args.batch_size, "must be >= 1")
+    if args.lora and not Path(args.lora).is_dir():
+        raise UsageError("--lora", args.lora, "no such folder; give a run's final/ folder")
+    if not str(args.out).endswith(".json"):
+        raise UsageError("--out", args.out, "name a .json file")
+    return prompts, seeds
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    if not n:
+        return {"mean": None, "std": None, "n": 0, "nonfinite": len(values)}
+    mean = sum(finite) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "nonfinite": len(values) - n}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from tdpo.policy import load_pipeline
+    from tdpo.rewards import build_reward
+
+    prompts, seeds = _check(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.time()
+    pipe = load_pipeline(args.model)
+    if args.lora:
+        try:
+            pipe.load_lora_weights(args.lora)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise UsageError("--lora", args.lora, f"cannot load LoRA weights ({first})") from None
+    pipe.to(device)
+    rewards = {name: build_reward(name, device, "--reward") for name in args.reward}
+    images_all = []
+    per_image: list[dict[str, Any]] = []
+    for p_index, prompt in enumerate(prompts):
+        for chunk in range(0, len(seeds), args.batch_size):
+            batch_seeds = seeds[chunk : chunk + args.batch_size]
+            generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
+            with torch.no_grad():
+                images = pipe(
+                    [prompt] * len(batch_seeds),
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    eta=args.eta,
+                    generator=generators,
+                    output_type="pt",
+                ).images
+            images = images.float().clamp(0, 1)
+            scores = {}
+            for name, reward in rewards.items():
+                with torch.no_grad():
+                    values, _ = reward(images, [prompt] * len(batch_seeds), [{}] * len(batch_seeds))
+                scores[name] = [float(v) for v in values.detach().float().cpu()]
+            for j, seed in enumerate(batch_seeds):
+                per_image.append(
+                    {
+                        "prompt_index": p_index,
+                        "prompt": prompt,
+                        "seed": seed,
+                        "rewards": {name: scores[name][j] for name in rewards},
+                    }
+                )
+            if args.grid:
+                images_all.append(images.cpu())
+    summary: dict[str, Any] = {
+        "model": args.model,
+        "lora": args.lora,
+        "prompts": args.prompts,
+        "num_prompts": len(prompts),
+        "seeds": seeds,
+        "sampler": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
+        "device": str(device),
+        "rewards": {},
+    }
+    for name in rewards:
+        values = [img["rewards"][name] for img in per_image]
+        per_prompt = []
+        for p_index, prompt in enumerate(prompts):
+            vals = [i["rewards"][name] for i in per_image if i["prompt_index"] == p_index]
+            per_prompt.append({"prompt": prompt, **_stats(vals)})
+        summary["rewards"][name] = {**_stats(values), "per_prompt": per_prompt}
+    summary["images"] = per_image
+    summary["seconds"] = round(time.time() - start, 2)
+    if args.grid and images_all:
+        from tdpo.images import save_grid
+
+        captions = [
+            f"{i['prompt']} (seed {i['seed']}) "
+            + " ".join(f"{k}={v:.3g}" for k, v in i["rewards"].items())
+            for i in per_image
+        ]
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_grid(torch.cat(images_all), captions, Path(args.grid))
+    return summary
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    def num(v):
+        return "–" if v is None else f"{v:.4f}"
+
+    lines = [f"{'reward':<28s} {'mean':>10s} {'std':>10s} {'n':>5s}"]
+    for name, s in summary["rewards"].items():
+        lines.append(f"{name:<28s} {num(s['mean']):>10s} {num(s['std']):>10s} {s['n']:>5d}")
+    if summary["num_prompts"] <= 20:
+        names = list(summary["rewards"])
+        lines.append("")
+        lines.append("per prompt (mean over seeds): " + ", ".join(names))
+        for p_index in range(summary["num_prompts"]):
+            cells = [summary["rewards"][n]["per_prompt"][p_index] for n in names]
+            text = cells[0]["prompt"]
+            text = text if len(text) <= 50 else text[:47] + "..."
+            lines.append(f"  {text:<50s} " + " ".join(f"{num(c['mean']):>10s}" for c in cells))
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    summary = _json_safe(evaluate(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    print(format_table(summary))
+    print(f"wrote {out}")
+    return 0
