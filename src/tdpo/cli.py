@@ -12,14 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from tdpo.errors import UsageError
+from tdpo.errors import TrainingError, UsageError
 
 TRAIN_EPILOG = """\
 Configuration is layered: defaults <- --preset <- --config FILE.yaml <- --model/--reward/
 --output-dir <- --set key=value (repeatable). Values of --set are YAML (numbers, true/false,
 lists like [a, b]).
 
-Presets: {presets}
+Presets (repeatable, applied in order): {presets}
+  tdpo, tdpo-r, ddpo-2, ddpo-100, alignprop choose the method; sd14-aesthetic, sd14-pickscore,
+  sd14-hpsv2 set up the paper's runs on Stable Diffusion 1.4 (TDPO-R unless another method
+  preset follows, e.g. --preset sd14-aesthetic --preset ddpo-2).
 
 Examples:
   tdpo train --model ./tiny-sd --reward jpeg_compressibility --preset tdpo-r
@@ -55,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRAIN_EPILOG.format(presets=", ".join(PRESETS), fields=fields_help()),
     )
-    train.add_argument("--preset", choices=list(PRESETS), help="named set of overrides")
+    train.add_argument(
+        "--preset",
+        action="append",
+        choices=list(PRESETS),
+        metavar="NAME",
+        help="named set of overrides, repeatable and applied in order (see below)",
+    )
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections")
     train.add_argument("--model", metavar="ID_OR_PATH", help="= --set model.pretrained=...")
     train.add_argument("--reward", metavar="NAME", help="= --set reward.name=...")
@@ -151,10 +160,8 @@ def resolve_train_config(args: argparse.Namespace):
         )
         return config, run_dir
     config = build_config(args.preset, args.config, overrides)
-    name = (
-        config.run_name
-        or f"{args.preset or config.train.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    label = "-".join(args.preset) if args.preset else config.train.algorithm
+    name = config.run_name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     return config, Path(config.output_dir) / name
 
 
@@ -318,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"tdpo: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"tdpo: error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("tdpo: interrupted", file=sys.stderr)
         return 130

@@ -58,17 +58,24 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["tdpo", "ddpo"] = _f(
-        "tdpo", "tdpo: per-timestep advantages from the temporal critic; ddpo: the final reward."
+    algorithm: Literal["tdpo", "ddpo", "alignprop"] = _f(
+        "tdpo",
+        "tdpo: per-timestep advantages from the temporal critic; ddpo: the final reward; "
+        "alignprop: backpropagate a differentiable reward through the last sampling steps.",
     )
     epochs: int = _f(100, "Epochs (sample, then update).")
     batch_size: int = _f(1, "Training minibatch per process (samples per forward pass).")
     updates_per_epoch: int = _f(
         0,
-        "Optimizer updates per inner epoch; 0 = the paper's default: 2 per timestep slice for "
-        "tdpo (100 at 50 steps), 2 for ddpo. tdpo needs a multiple of sample.num_steps.",
+        "Optimizer updates per inner epoch; 0 = auto: 2 per timestep slice (the paper's 100 at "
+        "50 steps) for tdpo and ddpo, one per sampling batch for alignprop. tdpo needs a "
+        "multiple of sample.num_steps.",
     )
     inner_epochs: int = _f(1, "Passes over each epoch's samples.")
+    alignprop_steps: int = _f(1, "AlignProp: sampling steps (the last K) that keep the graph.")
+    gradient_checkpointing: bool = _f(
+        True, "AlignProp: recompute UNet activations in the backward pass to save memory."
+    )
     learning_rate: float = _f(1e-4, "Policy AdamW learning rate.")
     adam_beta1: float = _f(0.9, "AdamW beta1 (policy and critic).")
     adam_beta2: float = _f(0.999, "AdamW beta2 (policy and critic).")
@@ -77,6 +84,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient-norm clip for the policy (and, separately, critic).")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon.")
     cfg: bool = _f(True, "Use classifier-free guidance when re-evaluating log-probs in training.")
+    max_nonfinite_fraction: float = _f(
+        0.1,
+        "Samples with NaN/inf rewards are left out of the update; past this fraction of an "
+        "epoch the run stops with an error (its last checkpoint intact).",
+    )
     per_prompt_normalization: bool = _f(
         True, "Normalize rewards per prompt (else with the whole epoch's statistics)."
     )
@@ -146,6 +158,28 @@ class PromptConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _f(0, "Evaluate on held-out prompts every N epochs (0 = never).")
+    prompt_sets: list[str] = _f(
+        [],
+        "Held-out prompt sets, each `label=set_or_file` or a set name (label = the name); "
+        "metrics are keyed eval/<label>/<reward>.",
+    )
+    prompts_per_set: int = _f(16, "Prompts taken from the start of each set (0 = all).")
+    seeds_per_prompt: int = _f(2, "Samples per prompt; their initial noise is fixed across epochs.")
+    rewards: list[str] = _f([], "Rewards scored in evaluation (default: training reward + panel).")
+    batch_size: int = _f(16, "Evaluation sampling batch size.")
+    monitor: str | None = _f(
+        None,
+        "Over-optimization monitor: an eval metric such as eval/unseen/shapes_gold; the best "
+        "LoRA by it is kept in best/.",
+    )
+    patience: int = _f(
+        0, "Stop after this many evaluations without improving the monitor (0 = off)."
+    )
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events into the run directory.")
     wandb: bool = _f(False, "Log to Weights & Biases (pip install tdpo[wandb]).")
@@ -179,6 +213,7 @@ class Config:
     kl: KLConfig = field(default_factory=KLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -186,19 +221,83 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Presets: plain override dicts, applied on the defaults before the YAML file and --set.
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tdpo": {"train.algorithm": "tdpo", "reset.enabled": False},
-    "tdpo-r": {"train.algorithm": "tdpo", "reset.enabled": True, "reset.target": "active"},
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "tdpo": {"train.algorithm": "tdpo", "reset.enabled": False, "train.updates_per_epoch": 0},
+    "tdpo-r": {
+        "train.algorithm": "tdpo",
+        "reset.enabled": True,
+        "reset.target": "active",
+        "train.updates_per_epoch": 0,
+    },
     "ddpo-2": {"train.algorithm": "ddpo", "train.updates_per_epoch": 2, "reset.enabled": False},
-    "ddpo-100": {
-        "train.algorithm": "ddpo",
-        "train.updates_per_epoch": 100,
+    # DDPO with as many updates per epoch as TDPO makes (2 per timestep slice: 100 at 50 steps).
+    "ddpo-100": {"train.algorithm": "ddpo", "train.updates_per_epoch": 0, "reset.enabled": False},
+    "alignprop": {
+        "train.algorithm": "alignprop",
         "reset.enabled": False,
+        "train.updates_per_epoch": 0,
     },
 }
 
+# The paper's three runs (algorithm.md, "Reference hyperparameters"), TDPO-R by default; combine
+# with an algorithm preset for the baselines: --preset sd14-aesthetic --preset ddpo-2.
+_SD14 = {
+    "model.pretrained": "CompVis/stable-diffusion-v1-4",
+    "model.lora_rank": 4,
+    "model.lora_alpha": 4.0,
+    "mixed_precision": "bf16",
+    "sample.num_steps": 50,
+    "sample.eta": 1.0,
+    "sample.guidance_scale": 5.0,
+    "sample.batch_size": 8,
+    "sample.samples_per_epoch": 256,
+    "train.epochs": 100,
+    "train.batch_size": 1,
+    "train.updates_per_epoch": 0,
+    "train.learning_rate": 1e-4,
+    "train.clip_range": 1e-4,
+    "train.norm_buffer_size": 32,
+    "train.norm_min_count": 16,
+    "critic.learning_rate": 1e-4,
+    "critic.backbone": "openai/clip-vit-large-patch14",
+    "critic.embed_batch_size": 32,
+    "reset.enabled": True,
+    "reset.every": 10,
+    "reset.tau": 0.0,
+    "train.algorithm": "tdpo",
+    "prompts.train": "simple_animals",
+    "eval.every": 10,
+    "eval.prompt_sets": ["seen=simple_animals", "unseen=unseen_animals"],
+    "eval.prompts_per_set": 16,
+    "eval.seeds_per_prompt": 2,
+    "eval.batch_size": 8,
+    "checkpoint.every": 5,
+}
+SETUP_PRESETS: dict[str, dict[str, Any]] = {
+    "sd14-aesthetic": {
+        **_SD14,
+        "reward.name": "aesthetic",
+        "reward.panel": ["pickscore", "hpsv2"],
+    },
+    "sd14-pickscore": {
+        **_SD14,
+        "reward.name": "pickscore",
+        "reward.panel": ["hpsv2", "aesthetic"],
+        "critic.backbone": "pickscore",
+    },
+    "sd14-hpsv2": {
+        **_SD14,
+        "reward.name": "hpsv2",
+        "reward.panel": ["pickscore", "aesthetic"],
+        "critic.backbone": "hpsv2",
+        "prompts.train": "hpsv2_photo",
+        "eval.prompt_sets": ["seen=hpsv2_photo"],
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {**ALGORITHM_PRESETS, **SETUP_PRESETS}
+
 # Keys a resumed run may change (everything else must match the run's config).
-RESUME_MUTABLE_PREFIXES = ("train.epochs", "log.", "checkpoint.")
+RESUME_MUTABLE_PREFIXES = ("train.epochs", "log.", "checkpoint.", "eval.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,17 +454,17 @@ def load_yaml(path: str | Path, field_name: str = "--config") -> dict[str, Any]:
 
 
 def build_config(
-    preset: str | None = None,
+    preset: str | list[str] | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
     """Defaults <- preset <- base <- YAML file <- overrides, then validate."""
     config = Config()
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UsageError("--preset", preset, f"choose one of {', '.join(PRESETS)}")
-        for key, value in PRESETS[preset].items():
+    for name in [preset] if isinstance(preset, str) else preset or []:
+        if name not in PRESETS:
+            raise UsageError("--preset", name, f"choose one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[name].items():
             set_value(config, key, value)
     if base:
         for key, value in flatten(base).items():
@@ -437,6 +536,27 @@ def validate(config: Config) -> None:
         raise UsageError("log.grid_every", config.log.grid_every, "must be >= 0 (0 = never)")
     if not config.reward.name:
         raise UsageError("reward.name", "", "name a reward, e.g. jpeg_compressibility")
+    if not 0 <= t.max_nonfinite_fraction <= 1:
+        raise UsageError(
+            "train.max_nonfinite_fraction", t.max_nonfinite_fraction, "must be in [0, 1]"
+        )
+    e = config.eval
+    if e.every < 0:
+        raise UsageError("eval.every", e.every, "must be >= 0 (0 = never)")
+    if e.every and not e.prompt_sets:
+        raise UsageError(
+            "eval.prompt_sets", [], "name at least one held-out prompt set to evaluate"
+        )
+    for name in ("seeds_per_prompt", "batch_size"):
+        _positive(f"eval.{name}", getattr(e, name), "must be >= 1")
+    if e.prompts_per_set < 0:
+        raise UsageError("eval.prompts_per_set", e.prompts_per_set, "must be >= 0 (0 = all)")
+    if e.monitor is not None and not e.monitor.startswith("eval/"):
+        raise UsageError(
+            "eval.monitor", e.monitor, "name an eval metric, e.g. eval/unseen/shapes_gold"
+        )
+    if e.patience < 0:
+        raise UsageError("eval.patience", e.patience, "must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -474,7 +594,23 @@ def resolve_schedule(config: Config, num_processes: int) -> Schedule:
             "train.batch_size", t.batch_size, f"must divide the samples per process ({per_process})"
         )
     minibatches = per_process // t.batch_size
-    updates = t.updates_per_epoch or (2 * T if t.algorithm == "tdpo" else 2)
+    if t.algorithm == "alignprop":  # one backward pass per sampling batch
+        batches = per_process // s.batch_size
+        updates = t.updates_per_epoch or batches
+        if batches % updates:
+            raise UsageError(
+                "train.updates_per_epoch",
+                updates,
+                f"alignprop: must divide the {batches} sampling batches per process",
+            )
+        if not 1 <= t.alignprop_steps <= T:
+            raise UsageError(
+                "train.alignprop_steps", t.alignprop_steps, f"must be in [1, sample.num_steps={T}]"
+            )
+        return Schedule(
+            num_processes, per_process, batches, minibatches, updates, batches // updates
+        )
+    updates = t.updates_per_epoch or 2 * T
     passes = minibatches * T
     if passes % updates:
         raise UsageError(

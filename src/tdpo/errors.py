@@ -9,3 +9,8 @@ class UsageError(Exception):
     def __init__(self, field: str, value: object, fix: str):
         self.field, self.value, self.fix = field, value, fix
         super().__init__(f"{field}={value!r}: {fix}")
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite rewards). The CLI prints one line and
+    exits with 3; the last checkpoint is left intact."""

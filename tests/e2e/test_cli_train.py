@@ -168,7 +168,7 @@ def test_help_lists_every_field(capsys):
 
 
 def test_dry_run_prints_schedule_and_loads_nothing(capsys):
-    assert main(["train", "--preset", "tdpo", "--dry-run", "--model", "some/hub-id"]) == 0
+    assert main(["train", "--preset", "sd14-aesthetic", "--preset", "tdpo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "updates per epoch: 100" in out and "gradient accumulation: 128" in out
 

@@ -48,11 +48,7 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
 def _load_builtin_modules() -> None:
     # Importing these modules registers their factories; their heavy imports stay deferred.
     from tdpo.rewards import builtin, hub  # noqa: F401
-
-    try:
-        from tdpo.world import rewards as _world_rewards  # noqa: F401
-    except ImportError:
-        pass
+    from tdpo.world import rewards as _world_rewards  # noqa: F401
 
 
 def available_rewards() -> list[str]:

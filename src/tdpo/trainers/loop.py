@@ -37,8 +37,16 @@ from tdpo.algos.neurons import (
     neuron_scores,
     reset_neurons,
 )
-from tdpo.config import Config, config_to_yaml, resolve_schedule, to_dict
-from tdpo.errors import UsageError
+from tdpo.config import (
+    RESUME_MUTABLE_PREFIXES,
+    Config,
+    config_to_yaml,
+    flatten,
+    resolve_schedule,
+    to_dict,
+)
+from tdpo.errors import TrainingError, UsageError
+from tdpo.evaluation import evaluate_policy, parse_prompt_sets
 from tdpo.images import save_grid
 from tdpo.policy import DiffusionPolicy, Trajectory, _unwrap, check_pipeline_path
 from tdpo.prompts import PromptSampler, load_prompts
@@ -47,6 +55,18 @@ from tdpo.tracking import RunLogger, truncate_metrics
 from tdpo.trainers.update import EpochBatch, run_updates
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class NonFiniteRewards(TrainingError):
+    """Too many NaN/inf training rewards in one epoch: stop (the last checkpoint is intact)."""
+
+    def __init__(self, count: int, total: int, epoch: int):
+        self.count, self.total, self.epoch = count, total, epoch
+        super().__init__(
+            f"{count} of {total} training rewards were NaN or infinite in epoch "
+            f"{epoch + 1} (more than train.max_nonfinite_fraction); check the reward "
+            "model, or raise train.max_nonfinite_fraction"
+        )
 
 
 class Interrupted(Exception):
@@ -110,6 +130,13 @@ class Trainer:
         for i, name in enumerate(config.reward.panel):
             check_reward_name(name, field=f"reward.panel[{i}]")
         self.prompts = load_prompts(config.prompts.train)
+        self.eval_sets = (
+            parse_prompt_sets(config.eval.prompt_sets, config.eval.prompts_per_set)
+            if config.eval.every
+            else {}
+        )
+        for i, name in enumerate(config.eval.rewards):
+            check_reward_name(name, field=f"eval.rewards[{i}]")
         self.is_tdpo = config.train.algorithm == "tdpo"
         self.use_kl = config.kl.coef > 0
         # -- models (LoRA and critic initialization drawn from the run's seed) ----------------
@@ -119,6 +146,8 @@ class Trainer:
             weight_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
         self.policy = DiffusionPolicy.from_config(config.model, config.sample, weight_dtype)
         self.policy.to(self.device)
+        if config.train.algorithm == "alignprop" and config.train.gradient_checkpointing:
+            self.policy.unet.enable_gradient_checkpointing()
         if self.use_kl:
             self.policy.enable_kl_reference()
         self.reward_fn = build_reward(config.reward.name, self.device)
@@ -126,6 +155,14 @@ class Trainer:
             name: build_reward(name, self.device, field=f"reward.panel[{i}]")
             for i, name in enumerate(config.reward.panel)
         }
+        self.eval_rewards = {config.reward.name: self.reward_fn, **self.panel}
+        for i, name in enumerate(config.eval.rewards):
+            if name not in self.eval_rewards:
+                self.eval_rewards[name] = build_reward(
+                    name, self.device, field=f"eval.rewards[{i}]"
+                )
+        if config.eval.rewards:
+            self.eval_rewards = {name: self.eval_rewards[name] for name in config.eval.rewards}
         params = [{"params": self.policy.trainable_parameters(), "lr": config.train.learning_rate}]
         self.embedder = self.critic = None
         if self.is_tdpo:
@@ -166,9 +203,14 @@ class Trainer:
         self.reward_queries = 0
         self.prev_dormant: list[torch.Tensor] | None = None
         self.config_hash = ckpt.config_hash(
-            {k: v for k, v in to_dict(config).items() if k not in ("train", "log", "checkpoint")}
-            | {"train": {k2: v2 for k2, v2 in to_dict(config)["train"].items() if k2 != "epochs"}}
+            {
+                key: value
+                for key, value in flatten(to_dict(config)).items()
+                if not key.startswith(RESUME_MUTABLE_PREFIXES)
+            }
         )
+        self.best_monitor: float | None = None
+        self.evals_since_best = 0
         self._signal: int | None = None
         self._snapshot: dict | None = None
         if resume:
@@ -201,6 +243,8 @@ class Trainer:
             "prompt_sampler": self.prompt_sampler.state_dict(),
             "rng": ckpt.capture_rng_state(),
             "prev_dormant": [m.cpu() for m in self.prev_dormant] if self.prev_dormant else [],
+            "best_monitor": self.best_monitor,
+            "evals_since_best": self.evals_since_best,
         }
         if self.critic is not None:
             state["critic"] = {
@@ -231,6 +275,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.reward_queries = int(state["reward_queries"])
+        self.best_monitor = state.get("best_monitor")
+        self.evals_since_best = int(state.get("evals_since_best", 0))
 
     def restore(self) -> None:
         found = ckpt.load_latest_checkpoint(
@@ -348,20 +394,30 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, 3, epoch, acc.process_index))  # dropout
+        if cfg.train.algorithm == "alignprop":
+            from tdpo.trainers.alignprop import alignprop_epoch
+
+            return alignprop_epoch(self, epoch)
         traj, global_prompts = self.sample_epoch(epoch)
         t_sample = time.perf_counter()
 
         # -- rewards, normalized per prompt over the global batch (every process the same) ----
         rewards, panel = self.score(traj)
         all_rewards = self._gather(rewards)
+        finite = torch.isfinite(all_rewards)
+        nonfinite = int((~finite).sum())
+        if nonfinite / len(all_rewards) > cfg.train.max_nonfinite_fraction:
+            raise NonFiniteRewards(nonfinite, len(all_rewards), epoch)
+        normalized_all = torch.zeros_like(all_rewards)  # non-finite samples: advantage 0
+        finite_prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
+        good = all_rewards[finite]
         if cfg.train.per_prompt_normalization:
-            normalized_all = self.tracker.update(global_prompts, all_rewards)
+            normalized_all[finite] = self.tracker.update(finite_prompts, good)
         else:
-            normalized_all = (all_rewards - all_rewards.mean()) / (
-                all_rewards.std(unbiased=False) + 1e-6
-            )
+            normalized_all[finite] = (good - good.mean()) / (good.std(unbiased=False) + 1e-6)
         sch = self.schedule
         first = acc.process_index * sch.samples_per_process
+        local_finite = finite[first : first + sch.samples_per_process].to(self.device)
         normalized = normalized_all[first : first + sch.samples_per_process].to(self.device)
 
         # -- returns G_k, with an optional per-step KL penalty ---------------------------------
@@ -393,17 +449,18 @@ class Trainer:
             with torch.no_grad():
                 old_values = critic(embeddings, traj.timesteps)
             # A_k = G_k - V_old(k), normalized over all samples and steps of all processes
-            advantages_all = normalize_advantages(
-                self._gather(temporal_advantages(returns, old_values))
-            )
+            advantages_all = self._gather(temporal_advantages(returns, old_values))
+            advantages_all[finite] = normalize_advantages(advantages_all[finite])
+            advantages_all[~finite] = 0.0  # non-finite rewards: left out of the update
             batch.advantages = advantages_all[first : first + sch.samples_per_process]
+            returns = torch.where(local_finite[:, None], returns, old_values)  # no critic signal
             batch.returns, batch.old_values, batch.state_embeddings = (
                 returns,
                 old_values,
                 embeddings,
             )
             metrics["critic_ev"] = explained_variance(
-                self._gather(old_values), self._gather(returns)
+                self._gather(old_values)[finite], self._gather(returns)[finite]
             )
             metrics["value_mean"] = float(self._gather(old_values).mean())
         else:
@@ -455,8 +512,9 @@ class Trainer:
             {
                 "epoch": epoch + 1,
                 "reward_queries": self.reward_queries,
-                "reward_mean": float(all_rewards.mean()),
-                "reward_std": float(all_rewards.std(unbiased=False)),
+                "reward_mean": float(good.mean()) if len(good) else float("nan"),
+                "reward_std": float(good.std(unbiased=False)) if len(good) else float("nan"),
+                "nonfinite_rewards": nonfinite,
                 **panel,
                 **stats,
                 "seconds": time.perf_counter() - start,
@@ -544,55 +602,121 @@ class Trainer:
             tmp.write_text(config_to_yaml(self.config))
             tmp.replace(self.run_dir / "config.yaml")
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation on the main process; updates the over-optimization monitor."""
+        cfg = self.config.eval
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            unet = _unwrap(self.unet)
+            with_kl = self.config.model.finetune == "lora" or self.policy.reference_unet is not None
+            metrics, grids = evaluate_policy(
+                self.policy,
+                unet,
+                self.eval_sets,
+                self.eval_rewards,
+                cfg.seeds_per_prompt,
+                self.config.seed,
+                cfg.batch_size,
+                embedder=self.embedder,
+                with_kl=with_kl,
+            )
+            for label, (images, captions) in grids.items():
+                path = self.run_dir / "samples" / f"eval_{label}_epoch_{self.epoch:04d}.png"
+                save_grid(images[:32], captions[:32], path)
+                self.logger.log_image(f"eval/{label}", path, self.epoch)
+            if cfg.monitor is not None:
+                if cfg.monitor not in metrics:
+                    raise UsageError(
+                        "eval.monitor",
+                        cfg.monitor,
+                        f"not an eval metric of this run; choose one of "
+                        f"{', '.join(sorted(metrics))}",
+                    )
+                value = metrics[cfg.monitor]
+                if self.best_monitor is None or value > self.best_monitor:
+                    self.best_monitor, self.evals_since_best = value, 0
+                    self.policy.save_final(self.run_dir / "best")
+                    (self.run_dir / "best" / "epoch.txt").write_text(f"{self.epoch} {value}\n")
+                else:
+                    self.evals_since_best += 1
+        shared = [self.best_monitor, self.evals_since_best]
+        from accelerate.utils import broadcast_object_list
+
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(shared)
+        self.best_monitor, self.evals_since_best = shared
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _should_stop_early(self) -> bool:
+        patience = self.config.eval.patience
+        return bool(patience and self.config.eval.monitor and self.evals_since_best >= patience)
+
     def train(self) -> int:
-        """Run the remaining epochs; returns the process exit code (0, or 130/143 on a signal)."""
+        """Run the remaining epochs; returns the exit code (0, or 128 + signal number)."""
         cfg = self.config
         self.write_config()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._mid_epoch = False
         try:
-            while self.epoch < cfg.train.epochs:
-                if cfg.checkpoint.every > 1:  # a consistent state to save if a signal comes
-                    self._snapshot = self.state_dict()
+            if cfg.eval.every and self.epoch == 0:  # the base model, as a reference point
+                self.logger.log({"epoch": 0, "reward_queries": 0, **self.evaluate()}, step=0)
+            while self.epoch < cfg.train.epochs and not self._should_stop_early():
+                # A consistent state to checkpoint if a signal arrives mid-epoch.
+                saved = self.latest_saved_epoch() == self.epoch
+                self._snapshot = None if saved else self.state_dict()
+                self._mid_epoch = True
                 metrics = self.epoch_step(self.epoch)
                 self.epoch += 1
+                self._mid_epoch = False
+                if cfg.eval.every and self.epoch % cfg.eval.every == 0:
+                    metrics.update(self.evaluate())
                 self.logger.log(metrics, step=self.epoch)
                 if self.is_main:
                     self.log(self._summary(metrics))
                 if self.epoch % cfg.checkpoint.every == 0 or self.epoch == cfg.train.epochs:
                     self.save()
                 self._check_signal()
-            self.policy.save_final(self.run_dir / "final") if self.is_main else None
-            if self.critic is not None and self.is_main:
-                from safetensors.torch import save_file
-
-                save_file(
-                    {k: v.contiguous() for k, v in _unwrap(self.critic).state_dict().items()},
-                    str(self.run_dir / "final" / "critic_head.safetensors"),
+            if self._should_stop_early() and self.is_main:
+                self.log(
+                    f"early stop: {cfg.eval.monitor} did not improve for "
+                    f"{cfg.eval.patience} evaluations (best {self.best_monitor:.4f}, "
+                    f"LoRA in {self.run_dir / 'best'})"
                 )
-            self.accelerator.wait_for_everyone()
+                self.save()
+            self.save_final()
             return 0
         except Interrupted as stop:
-            last = self.latest_saved_epoch()
-            if last != self.epoch:
-                state = (
-                    self._snapshot
-                    if self._snapshot is not None and cfg.checkpoint.every > 1
-                    else None
-                )
-                if state is None or int(state["epoch"]) != self.epoch:
-                    state = self.state_dict() if state is None else state
-                self.save(state)
+            if self.latest_saved_epoch() != self.epoch or self._mid_epoch:
+                if not self._mid_epoch:
+                    self.save()  # between epochs: the current state is consistent
+                elif self._snapshot is not None:
+                    self.save(self._snapshot)  # mid-epoch: the state this epoch started from
             if self.is_main:
                 self.log(
-                    f"stopped by signal {stop.signum}; checkpoint of epoch "
-                    f"{self.latest_saved_epoch()} in {self.run_dir / 'checkpoints'}; "
-                    f"resume with: tdpo train --resume {self.run_dir}"
+                    f"stopped by signal {stop.signum}; latest checkpoint: epoch "
+                    f"{max(self.latest_saved_epoch(), 0)}; resume with: "
+                    f"tdpo train --resume {self.run_dir}"
                 )
             return 128 + stop.signum
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
+
+    def save_final(self) -> None:
+        """final/: the LoRA in diffusers format (or the UNet) and the critic head."""
+        if self.is_main:
+            self.policy.save_final(self.run_dir / "final")
+            if self.critic is not None:
+                from safetensors.torch import save_file
+
+                state = _unwrap(self.critic).state_dict()
+                save_file(
+                    {k: v.contiguous() for k, v in state.items()},
+                    str(self.run_dir / "final" / "critic_head.safetensors"),
+                )
+        self.accelerator.wait_for_everyone()
 
     def latest_saved_epoch(self) -> int:
         done = ckpt.list_checkpoints(self.run_dir)

@@ -1,0 +1,129 @@
+"""AlignProp, held-out evaluation and non-finite rewards on a tiny pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdpo.config import build_config
+from tdpo.trainers.loop import Trainer
+from tests.conftest import tiny_overrides
+
+SEEN = Path(__file__).parents[1] / "data" / "seen.txt"
+
+
+def _trainer(pipeline_dir, clip_dir, run_dir, preset="tdpo-r", **extra):
+    config = build_config(preset, overrides=tiny_overrides(pipeline_dir, clip_dir, **extra))
+    return Trainer(config, run_dir, log=lambda _: None)
+
+
+def test_one_alignprop_step_changes_lora_and_raises_a_differentiable_reward(
+    tiny_pipeline_dir, tiny_clip_dir, tmp_path
+):
+    from tdpo.trainers.alignprop import sample_with_grad
+    from tdpo.trainers.loop import sample_noise
+
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path / "run",
+        "alignprop",
+        **{
+            "reward.name": "tests.rewards_for_tests:brightness",
+            "sample.samples_per_epoch": 4,
+            "train.learning_rate": 3e-3,
+            "train.alignprop_steps": 2,
+        },
+    )
+    assert tr.schedule.updates_per_epoch == 1 and tr.critic is None
+    noise = sample_noise(list(range(4)), (5, 4, 8, 8))
+    prompts = ["a red cat", "a blue dog", "a photo of a fish", "a cat"]
+
+    def brightness():
+        with torch.no_grad():
+            return sample_with_grad(tr.policy, tr.unet, prompts, noise, 1).mean().item()
+
+    before_params = {
+        n: p.detach().clone() for n, p in tr.unet.named_parameters() if p.requires_grad
+    }
+    before = brightness()
+    metrics = tr.epoch_step(0)
+    after = brightness()
+    changed = [
+        n
+        for n, p in tr.unet.named_parameters()
+        if p.requires_grad and not torch.equal(p, before_params[n])
+    ]
+    assert changed
+    assert after > before, (before, after)
+    assert metrics["reward_queries"] == 4
+
+
+def test_alignprop_refuses_a_non_differentiable_reward(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    from tdpo.errors import UsageError
+
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path / "run",
+        "alignprop",
+        **{"sample.samples_per_epoch": 4},
+    )
+    with pytest.raises(UsageError, match="differentiable"):
+        tr.epoch_step(0)
+
+
+def test_evaluation_is_reproducible_and_keyed_by_set(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path / "run",
+        **{
+            "eval.every": 1,
+            "eval.prompt_sets": [f"seen={SEEN}"],
+            "eval.seeds_per_prompt": 2,
+            "eval.prompts_per_set": 2,
+            "reward.panel": ["jpeg_incompressibility"],
+        },
+    )
+    first = tr.evaluate()
+    second = tr.evaluate()
+    assert first == second
+    for key in (
+        "eval/seen/jpeg_compressibility",
+        "eval/seen/jpeg_incompressibility",
+        "eval/seen/kl",
+        "eval/seen/diversity",
+    ):
+        assert key in first
+    assert abs(first["eval/seen/kl"]) < 1e-6  # LoRA starts at the base model
+    assert (tmp_path / "run" / "samples" / "eval_seen_epoch_0000.png").is_file()
+
+
+def test_nonfinite_rewards_are_left_out_and_counted(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path / "run",
+        **{"reward.name": "tests.rewards_for_tests:nan_once", "train.max_nonfinite_fraction": 0.5},
+    )
+    metrics = tr.epoch_step(0)
+    assert metrics["nonfinite_rewards"] == 1  # the reward scores the whole epoch at once
+    assert all(torch.isfinite(p).all() for p in tr.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in tr.critic.parameters())
+    assert metrics["reward_mean"] == metrics["reward_mean"]  # not NaN
+
+
+def test_too_many_nonfinite_rewards_stop_the_run(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    from tdpo.trainers.loop import NonFiniteRewards
+
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        tmp_path / "run",
+        **{"reward.name": "tests.rewards_for_tests:nan_every_other"},
+    )
+    with pytest.raises(NonFiniteRewards, match="4 of 8"):
+        tr.epoch_step(0)
