@@ -100,6 +100,12 @@ class TrainConfig:
 
 @dataclass
 class CriticConfig:
+    input: Literal["image", "latent"] = _f(
+        "image",
+        "What the critic sees: image = embed(decode(x_t)) with the frozen backbone (the paper; "
+        "T extra VAE decodes and backbone passes per sample); latent = x_t average-pooled to "
+        "4x8x8 plus the timestep (no decode, no backbone: the cheap critic).",
+    )
     backbone: str = _f(
         "openai/clip-vit-large-patch14",
         "Frozen image-embedding backbone of the temporal critic (CLIP vision tower id or path).",

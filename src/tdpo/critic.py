@@ -95,3 +95,18 @@ def trajectory_state_embeddings(
     b, t1 = latents.shape[:2]
     states = latents[:, : t1 - 1].reshape(b * (t1 - 1), *latents.shape[2:])
     return embed_states(decode, embedder, states, batch_size).view(b, t1 - 1, -1)
+
+
+LATENT_POOL = 8  # the cheap critic sees x_t average-pooled to C x 8 x 8
+
+
+def latent_state_features(latents: torch.Tensor) -> torch.Tensor:
+    """The cheap critic's state features: x_t [..., C, h, w] average-pooled to C x 8 x 8, flat."""
+    lead = latents.shape[:-3]
+    flat = latents.reshape(-1, *latents.shape[-3:]).float()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(flat, LATENT_POOL)
+    return pooled.reshape(*lead, -1)
+
+
+def latent_feature_dim(latent_channels: int) -> int:
+    return latent_channels * LATENT_POOL * LATENT_POOL

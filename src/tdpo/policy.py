@@ -65,12 +65,23 @@ class Trajectory:
         return Trajectory(**out)
 
 
+def resolve_alias(spec: str) -> str:
+    """Names of the shipped shapes world: ``shapes-world`` (the pipeline folder) and
+    ``shapes-clip`` (its tiny CLIP); anything else is returned unchanged."""
+    if spec in ("shapes-world", "shapes-clip"):
+        from tdpo.world import CLIP_DIR, PIPELINE_DIR
+
+        return str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
+    return spec
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1
 
 
 def check_pipeline_path(spec: str, field: str = "model.pretrained") -> None:
     """Fail early (before any load) on a local path that is not a saved diffusers pipeline."""
+    spec = resolve_alias(spec)
     if not _looks_like_path(spec):
         return
     path = Path(spec).expanduser()
@@ -89,6 +100,7 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     """``StableDiffusionPipeline.from_pretrained`` on a Hub id or folder, with a DDIM scheduler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    spec = resolve_alias(spec)
     check_pipeline_path(spec)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(

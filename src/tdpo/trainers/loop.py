@@ -48,7 +48,13 @@ from tdpo.config import (
 from tdpo.errors import TrainingError, UsageError
 from tdpo.evaluation import evaluate_policy, parse_prompt_sets
 from tdpo.images import save_grid
-from tdpo.policy import DiffusionPolicy, Trajectory, _unwrap, check_pipeline_path
+from tdpo.policy import (
+    DiffusionPolicy,
+    Trajectory,
+    _unwrap,
+    check_pipeline_path,
+    resolve_alias,
+)
 from tdpo.prompts import PromptSampler, load_prompts
 from tdpo.rewards import build_reward, check_reward_name
 from tdpo.tracking import RunLogger, truncate_metrics
@@ -166,14 +172,22 @@ class Trainer:
         params = [{"params": self.policy.trainable_parameters(), "lr": config.train.learning_rate}]
         self.embedder = self.critic = None
         if self.is_tdpo:
-            from tdpo.backbones import load_image_embedder
-            from tdpo.critic import CriticHead
+            from tdpo.critic import CriticHead, latent_feature_dim
 
-            self.embedder = load_image_embedder(config.critic.backbone, self.device, weight_dtype)
+            if config.critic.input == "image":
+                from tdpo.backbones import load_image_embedder
+
+                self.embedder = load_image_embedder(
+                    resolve_alias(config.critic.backbone), self.device, weight_dtype
+                )
+                in_dim, timestep_input = self.embedder.embed_dim, config.critic.timestep_input
+            else:  # the cheap critic: pooled latents and the timestep
+                in_dim = latent_feature_dim(self.policy.unet.config.in_channels)
+                timestep_input = True
             self.critic = CriticHead(
-                self.embedder.embed_dim,
+                in_dim,
                 config.critic.head,
-                config.critic.timestep_input,
+                timestep_input,
                 self.policy.scheduler.config.num_train_timesteps,
             ).to(self.device)
             params.append(
@@ -438,12 +452,15 @@ class Trainer:
 
         # -- temporal critic: V_old for every state, A_k = G_k - V_old(k), normalized globally -
         if self.is_tdpo:
-            from tdpo.critic import trajectory_state_embeddings
+            from tdpo.critic import latent_state_features, trajectory_state_embeddings
 
-            with acc.autocast():
-                embeddings = trajectory_state_embeddings(
-                    self.policy.decode, self.embedder, traj.latents, cfg.critic.embed_batch_size
-                )
+            if cfg.critic.input == "image":
+                with acc.autocast():
+                    embeddings = trajectory_state_embeddings(
+                        self.policy.decode, self.embedder, traj.latents, cfg.critic.embed_batch_size
+                    )
+            else:
+                embeddings = latent_state_features(traj.latents[:, :-1])
             critic = self.critic
             critic.eval()
             with torch.no_grad():
