@@ -19,8 +19,14 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 install: $(VENV)/.installed
 
+ifndef DEMO_RUN
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+
 demo: install
-	$(BIN)/tdpo train
+	$(BIN)/tdpo train --set run_name=$(DEMO_RUN)
+	$(BIN)/tdpo report runs/$(DEMO_RUN)
+	@echo "report: runs/$(DEMO_RUN)/report/index.html"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -31,8 +31,9 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = _f(
-        "CompVis/stable-diffusion-v1-4",
-        "Stable Diffusion 1.x/2.x pipeline: a Hub id or a folder saved with save_pretrained.",
+        "shapes-world",
+        "Stable Diffusion 1.x/2.x pipeline: a Hub id or a folder saved with save_pretrained "
+        "(shapes-world = the embedded shapes world).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pipeline.")
     finetune: Literal["lora", "full"] = _f(
@@ -47,12 +48,14 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    num_steps: int = _f(50, "DDIM sampling steps T.")
+    num_steps: int = _f(20, "DDIM sampling steps T (the paper: 50).")
     eta: float = _f(1.0, "DDIM eta (> 0: each step is a Gaussian policy step).")
-    guidance_scale: float = _f(5.0, "Classifier-free guidance w (1.0 disables guidance).")
-    batch_size: int = _f(8, "Images sampled per process per batch.")
+    guidance_scale: float = _f(
+        4.0, "Classifier-free guidance w (1.0 disables guidance; the paper: 5)."
+    )
+    batch_size: int = _f(32, "Images sampled per process per batch.")
     samples_per_epoch: int = _f(
-        256, "Images sampled per epoch over all processes (reward queries per epoch)."
+        64, "Images sampled per epoch over all processes (reward queries per epoch)."
     )
 
 
@@ -63,8 +66,8 @@ class TrainConfig:
         "tdpo: per-timestep advantages from the temporal critic; ddpo: the final reward; "
         "alignprop: backpropagate a differentiable reward through the last sampling steps.",
     )
-    epochs: int = _f(100, "Epochs (sample, then update).")
-    batch_size: int = _f(1, "Training minibatch per process (samples per forward pass).")
+    epochs: int = _f(16, "Epochs (sample, then update); the paper: 100.")
+    batch_size: int = _f(16, "Training minibatch per process (samples per forward pass).")
     updates_per_epoch: int = _f(
         0,
         "Optimizer updates per inner epoch; 0 = auto: 2 per timestep slice (the paper's 100 at "
@@ -107,7 +110,7 @@ class CriticConfig:
         "4x8x8 plus the timestep (no decode, no backbone: the cheap critic).",
     )
     backbone: str = _f(
-        "openai/clip-vit-large-patch14",
+        "shapes-clip",
         "Frozen image-embedding backbone of the temporal critic (CLIP vision tower id or path).",
     )
     head: Literal["linear", "relu"] = _f(
@@ -122,8 +125,8 @@ class CriticConfig:
 
 @dataclass
 class ResetConfig:
-    enabled: bool = _f(False, "TDPO-R: periodically re-initialize critic neurons.")
-    every: int = _f(10, "Reset period F in epochs.")
+    enabled: bool = _f(True, "TDPO-R: periodically re-initialize critic neurons.")
+    every: int = _f(4, "Reset period F in epochs (the paper: 10 of 100).")
     tau: float = _f(0.0, "Dormancy threshold: a neuron is dormant if its score s_i <= tau.")
     target: Literal["active", "dormant", "all"] = _f(
         "active", "Which neurons to re-initialize: active (TDPO-R), dormant (ReDo) or all."
@@ -148,26 +151,34 @@ class KLConfig:
 @dataclass
 class RewardConfig:
     name: str = _f(
-        "jpeg_compressibility",
+        "shapes_aesthetic",
         "Training reward: a registered name or a user factory package.module:callable.",
     )
     panel: list[str] = _f(
-        [], "Evaluation rewards scored on every sample (cross-reward generalization)."
+        [
+            "shapes_pickscore",
+            "shapes_hps",
+            "shapes_imagereward",
+            "shapes_gold_alignment",
+            "shapes_gold_aesthetic",
+            "shapes_gold",
+        ],
+        "Evaluation rewards scored on every sample (cross-reward generalization).",
     )
 
 
 @dataclass
 class PromptConfig:
     train: str = _f(
-        "simple_animals", "Training prompts: a shipped set name or a .txt file (one per line)."
+        "shapes", "Training prompts: a shipped set name or a .txt file (one per line)."
     )
 
 
 @dataclass
 class EvalConfig:
-    every: int = _f(0, "Evaluate on held-out prompts every N epochs (0 = never).")
+    every: int = _f(4, "Evaluate on held-out prompts every N epochs (0 = never).")
     prompt_sets: list[str] = _f(
-        [],
+        ["seen=shapes", "unseen=shapes_unseen"],
         "Held-out prompt sets, each `label=set_or_file` or a set name (label = the name); "
         "metrics are keyed eval/<label>/<reward>.",
     )
@@ -300,6 +311,7 @@ SETUP_PRESETS: dict[str, dict[str, Any]] = {
         "eval.prompt_sets": ["seen=hpsv2_photo"],
     },
 }
+SETUP_PRESETS["shapes"] = {}  # the defaults: the embedded shapes world
 PRESETS: dict[str, dict[str, Any]] = {**ALGORITHM_PRESETS, **SETUP_PRESETS}
 
 # Keys a resumed run may change (everything else must match the run's config).
