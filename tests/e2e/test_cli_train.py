@@ -134,6 +134,8 @@ def test_bad_config_exits_2_with_one_line_naming_the_field(
         "sample.batch_size=4",
         "--set",
         "sample.num_steps=4",
+        "--set",
+        "train.batch_size=2",
     ]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
