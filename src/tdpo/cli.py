@@ -166,7 +166,8 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """A new run must not reuse a folder holding another run; the folder must be writable."""
+    """A new run must not reuse a folder holding another run; the folder must be creatable and
+    writable (checked without writing anything)."""
     if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
         raise UsageError(
             "run_name",
@@ -175,27 +176,127 @@ def check_run_dir(run_dir: Path) -> None:
             "with --resume, or choose another --set run_name=...",
         )
     parent = run_dir
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():  # e.g. output_dir=/etc/hostname/x: a regular file in the path
+        raise UsageError(
+            "output_dir",
+            str(run_dir.parent),
+            f"{parent} is a file, not a folder; choose another --output-dir",
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(
             "output_dir", str(run_dir.parent), "not writable; choose another --output-dir"
         )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tdpo.config import resolve_schedule
+def _check_model_path(spec: str, field: str = "model.pretrained") -> None:
+    """The cheap part of ``tdpo.policy.check_pipeline_path`` without importing torch: a local
+    path must be a saved diffusers pipeline (Hub ids are checked when they load)."""
+    if spec in ("shapes-world", "shapes-clip"):
+        from tdpo.world import CLIP_DIR, PIPELINE_DIR
 
+        spec = str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
+    if not (spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(field, spec, "no such folder; give a Hub id or a pipeline folder")
+    if not (path / "model_index.json").is_file():
+        raise UsageError(
+            field,
+            spec,
+            "not a diffusers pipeline folder (no model_index.json); "
+            "save one with pipe.save_pretrained(DIR)",
+        )
+
+
+def _check_plugin_module(spec: str, field: str) -> None:
+    """A ``package.module:factory`` reward whose module cannot be found (nothing is imported)."""
+    import importlib.util
+
+    for term in spec.split(","):
+        name = term.strip().rsplit(":", 1)[0] if term.count(":") > 1 else term.strip()
+        if ":" not in name or "." not in name.split(":", 1)[0]:
+            continue
+        module = name.split(":", 1)[0]
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise UsageError(
+                field, spec, f"cannot find the module {module}; check the package.module:callable"
+            )
+
+
+def run_config_hash(config) -> str:
+    """The hash a run's checkpoints carry: the config minus what a resume may change
+    (the same formula as ``Trainer.config_hash``)."""
+    from tdpo.checkpoint import config_hash
+    from tdpo.config import RESUME_MUTABLE_PREFIXES, flatten, to_dict
+
+    return config_hash(
+        {
+            key: value
+            for key, value in flatten(to_dict(config)).items()
+            if not key.startswith(RESUME_MUTABLE_PREFIXES)
+        }
+    )
+
+
+def precheck_train(config, run_dir: Path, resume: bool, num_processes: int) -> None:
+    """Every check that needs no model, cheapest first: nothing here imports torch except the
+    last step (reward names come from the registry, which imports torch)."""
+    from tdpo.config import resolve_schedule
+    from tdpo.prompts import load_prompts
+
+    resolve_schedule(config, num_processes)
+    if resume:
+        from tdpo.checkpoint import check_resume
+
+        check_resume(run_dir, run_config_hash(config), num_processes)
+    else:
+        check_run_dir(run_dir)
+    _check_model_path(config.model.pretrained)
+    load_prompts(config.prompts.train)
+    names = [("reward.name", config.reward.name)]
+    names += [(f"reward.panel[{i}]", n) for i, n in enumerate(config.reward.panel)]
+    names += [(f"eval.rewards[{i}]", n) for i, n in enumerate(config.eval.rewards)]
+    for field, name in names:
+        if isinstance(name, str):
+            _check_plugin_module(name, field)
+    from tdpo.rewards import check_reward_name
+
+    for field, name in names:
+        check_reward_name(name, field=field)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     config, run_dir = resolve_train_config(args)
     if args.dry_run:
         return dry_run(config, run_dir)
-    if not args.resume:
-        check_run_dir(run_dir)
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    precheck_train(config, run_dir, bool(args.resume), num_processes)
+    resume = bool(args.resume)
+    if resume:
+        from tdpo.checkpoint import CHECKPOINTS_DIR, list_checkpoints
+
+        has_any = (run_dir / CHECKPOINTS_DIR).is_dir() and any(
+            p.name.startswith("epoch_") for p in (run_dir / CHECKPOINTS_DIR).iterdir()
+        )
+        if not list_checkpoints(run_dir) and not has_any:
+            # Killed before its first checkpoint: nothing to restore, so start it over.
+            from tdpo.tracking import truncate_metrics
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                truncate_metrics(run_dir, 0)
+                print(f"no checkpoint in {run_dir} yet; starting it from epoch 0", flush=True)
+            resume = False
+    quiet_libraries(load=True)
     from tdpo.trainers.loop import Trainer
 
-    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    resolve_schedule(config, num_processes)  # fail on divisibility before loading anything
-    trainer = Trainer(config, run_dir, resume=bool(args.resume), log=_log_main)
+    trainer = Trainer(config, run_dir, resume=resume, log=_log_main)
     if trainer.is_main:
         print(f"run directory: {run_dir}", flush=True)
     code = trainer.train()
@@ -228,7 +329,18 @@ def dry_run(config, run_dir: Path) -> int:
         f"updates per epoch: {sch.updates_per_epoch}; gradient accumulation: "
         f"{sch.accumulation} minibatch passes"
     )
+    from tdpo.estimate import estimate_memory
+
+    on_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES", "x")) and _cuda_available()
+    for line in estimate_memory(config, sch.samples_per_process, on_gpu):
+        print(line)
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -276,14 +388,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for our own progress: silence library chatter and loading bars."""
+def quiet_libraries(load: bool = False) -> None:
+    """Keep the terminal for our own progress: silence library chatter and loading bars.
+
+    Without ``load`` only environment variables and warning filters are set (cheap: a bad
+    argument is reported before torch or diffusers is imported); with it, the libraries'
+    loggers too (call it right before a command loads models)."""
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    if not load:
+        return
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -302,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command != "train":
+            quiet_libraries(load=True)
         if args.command == "sample":
             return cmd_sample(args)
         if args.command in ("eval", "report", "sweep"):

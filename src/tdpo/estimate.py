@@ -1,0 +1,118 @@
+"""Memory estimate for ``tdpo train --dry-run``: loads no model.
+
+Parameter counts come from the safetensors headers of a local pipeline folder (only the JSON
+header of each file is read), or from a table of known Hub models. The estimate covers what is
+resident for the whole run: frozen weights in their dtype, trainable weights and AdamW moments in
+fp32, and the epoch's stored trajectories (latents) and critic state embeddings. Activations of
+the forward/backward passes are not included (they depend on attention kernels and resolution);
+``docs/performance.md`` lists measured peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+# Parameter counts (millions) of common Hub pipelines: UNet, VAE, text encoder(s).
+KNOWN_PIPELINES = {
+    "CompVis/stable-diffusion-v1-4": (859.5, 83.7, 123.1),
+    "runwayml/stable-diffusion-v1-5": (859.5, 83.7, 123.1),
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": (859.5, 83.7, 123.1),
+    "stabilityai/stable-diffusion-2-1": (865.9, 83.7, 340.4),
+    "stabilityai/stable-diffusion-2-1-base": (865.9, 83.7, 340.4),
+}
+# Vision towers (millions) of the critic backbones.
+KNOWN_BACKBONES = {
+    "openai/clip-vit-large-patch14": 303.5,
+    "clip": 303.5,
+    "clip-vit-l-14": 303.5,
+    "pickscore": 632.1,
+    "yuvalkirstain/PickScore_v1": 632.1,
+    "hpsv2": 632.1,
+}
+SD_LATENT = (4, 64, 64)  # latents of 512x512 images
+
+
+def safetensors_numel(folder: Path) -> int:
+    """Total elements in every ``*.safetensors`` file under ``folder`` (headers only)."""
+    total = 0
+    for path in folder.rglob("*.safetensors"):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def _millions(
+    spec: str, table: dict[str, object], subfolders: tuple[str, ...]
+) -> list[float] | None:
+    from tdpo.policy import resolve_alias
+
+    path = Path(resolve_alias(spec)).expanduser()
+    if path.is_dir():
+        if subfolders:
+            return [
+                safetensors_numel(path / sub) / 1e6 if (path / sub).is_dir() else 0.0
+                for sub in subfolders
+            ]
+        return [safetensors_numel(path) / 1e6]
+    value = table.get(spec)
+    if value is None:
+        return None
+    return list(value) if isinstance(value, tuple) else [float(value)]
+
+
+def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]:
+    """Lines describing the resident memory of a run (weights, optimizer, stored epoch)."""
+    lines = []
+    weight_bytes = 2 if on_gpu and config.mixed_precision != "fp32" else 4
+    pipe = _millions(config.model.pretrained, KNOWN_PIPELINES, ("unet", "vae", "text_encoder"))
+    if pipe is None:
+        lines.append(
+            f"# memory: unknown parameter count for {config.model.pretrained!r} "
+            "(not a local folder nor a known Hub id)"
+        )
+        return lines
+    unet_m, vae_m, text_m = pipe
+    frozen_m = unet_m + vae_m + text_m
+    if config.model.finetune == "lora":
+        # LoRA on attention projections: about 0.8 M parameters per rank-4 on SD 1.x.
+        trainable_m = unet_m * 0.00093 * config.model.lora_rank
+    else:
+        trainable_m = unet_m
+    backbone_m = 0.0
+    if config.train.algorithm == "tdpo" and config.critic.input == "image":
+        found = _millions(config.critic.backbone, KNOWN_BACKBONES, ())
+        backbone_m = found[0] if found else float("nan")
+    head_m = 1.3 if config.train.algorithm == "tdpo" else 0.0
+    mib = 1024**2
+    weights = (frozen_m + backbone_m) * 1e6 * weight_bytes / mib
+    trainable = (trainable_m + head_m) * 1e6 * 4 * 3 / mib  # weights + 2 AdamW moments, fp32
+    latent = SD_LATENT if unet_m > 100 else (4, 8, 8)
+    latents = samples_per_process * (config.sample.num_steps + 1)
+    for d in latent:
+        latents *= d
+    stored = latents * 4 / mib
+    if config.train.algorithm == "tdpo":
+        dim = 768 if config.critic.input == "image" else latent[0] * 64 + 1
+        stored += samples_per_process * config.sample.num_steps * dim * 4 / mib
+    total = weights + trainable + stored
+    lines.append(
+        f"# parameters: UNet {unet_m:.1f} M, VAE {vae_m:.1f} M, text encoder {text_m:.1f} M"
+        + (f", critic backbone {backbone_m:.1f} M" if backbone_m else "")
+        + f"; trainable {trainable_m + head_m:.2f} M"
+    )
+    lines.append(
+        f"# memory per process (excluding activations): frozen weights {weights:.0f} MiB, "
+        f"trainable + AdamW {trainable:.0f} MiB, stored epoch {stored:.0f} MiB; "
+        f"total ~{total / 1024:.2f} GiB"
+    )
+    return lines
