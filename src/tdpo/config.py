@@ -398,6 +398,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise UsageError(name, value, "expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UsageError(name, value, "expected a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UsageError(name, value, "expected a number")
         if not math.isfinite(value):
