@@ -6,6 +6,12 @@ hash, sha256 and size of every file). A checkpoint is written under ``.tmp-*`` a
 into place only when complete, with the manifest written last; loading verifies every hash and
 reads ``state.pt`` with ``torch.load(weights_only=True)``, so nothing is ever unpickled beyond
 tensors and plain containers.
+
+Crash safety: a process killed at any moment (SIGKILL, power loss) leaves only complete
+checkpoints under their final names. Temporaries are named ``.tmp-*`` and ignored by readers;
+old checkpoints are renamed to ``.tmp-*`` before they are deleted, so a half-deleted checkpoint
+never keeps its final name. This module imports torch lazily: the CLI reads manifests (config
+hash, process count) to refuse an incompatible resume before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -21,9 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from tdpo.errors import UsageError
 
 FORMAT = 1
@@ -32,8 +35,12 @@ MANIFEST_FILE = "manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch_(\d{6,})$")
 
-# Leaf types that torch.load(weights_only=True) reads back without custom globals.
-_ALLOWED_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.Size)
+
+def _allowed_leaves() -> tuple[type, ...]:
+    """Leaf types that torch.load(weights_only=True) reads back without custom globals."""
+    import torch
+
+    return (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.Size)
 
 
 def config_hash(config_dict: dict) -> str:
@@ -42,17 +49,18 @@ def config_hash(config_dict: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _check_state(value: Any, where: str = "state") -> None:
+def _check_state(value: Any, where: str = "state", leaves: tuple[type, ...] | None = None) -> None:
     """Refuse anything that weights-only loading could not read back (or would have to unpickle)."""
+    leaves = leaves or _allowed_leaves()
     if type(value) in (dict, OrderedDict):
         for key, item in value.items():
             if not isinstance(key, (str, int)):
                 raise TypeError(f"checkpoint {where} has a key of type {type(key).__name__}")
-            _check_state(item, f"{where}[{key!r}]")
+            _check_state(item, f"{where}[{key!r}]", leaves)
     elif type(value) in (list, tuple):
         for i, item in enumerate(value):
-            _check_state(item, f"{where}[{i}]")
-    elif not isinstance(value, _ALLOWED_LEAVES):
+            _check_state(item, f"{where}[{i}]", leaves)
+    elif not isinstance(value, leaves):
         raise TypeError(
             f"checkpoint {where} is a {type(value).__module__}.{type(value).__qualname__}; a "
             "checkpoint holds only tensors, Python scalars, strings, lists, tuples and dicts "
@@ -106,6 +114,8 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
     resumed from an earlier point, and would otherwise be picked up by the next resume.
     Leftover ``.tmp-*`` directories (from a crash mid-save) are deleted too.
     """
+    import torch
+
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     if epoch < 0:
@@ -127,6 +137,8 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
         if p.is_file()
     }
     manifest = {"format": FORMAT, "epoch": epoch, "config_hash": config_hash, "files": files}
+    if isinstance(state.get("num_processes"), int):  # lets a resume be refused before loading
+        manifest["num_processes"] = state["num_processes"]
     with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:  # last: marks completeness
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
@@ -144,21 +156,36 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
     _fsync_dir(checkpoints)
 
     # Prune: stale temporaries, checkpoints from an abandoned later timeline, all but `keep`.
+    # A checkpoint is renamed to .tmp-* (atomic) before it is deleted, so a kill mid-delete never
+    # leaves a partial directory under a final name.
+    complete = []
+    for path in _final_dirs(checkpoints):
+        if (_epoch_of(path) or 0) > epoch:
+            _discard(path)
+        elif (path / MANIFEST_FILE).is_file():
+            complete.append(path)
+    for path in complete[:-keep]:
+        _discard(path)
+    _fsync_dir(checkpoints)
     for path in checkpoints.iterdir():
         if path.name.startswith(".tmp-") and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.name.startswith(".tmp-"):
             path.unlink(missing_ok=True)
-    complete = []
-    for path in _final_dirs(checkpoints):
-        if (_epoch_of(path) or 0) > epoch:
-            shutil.rmtree(path, ignore_errors=True)
-        elif (path / MANIFEST_FILE).is_file():
-            complete.append(path)
-    for path in complete[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
     _fsync_dir(checkpoints)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: rename it to ``.tmp-deleted-*`` first, then remove it."""
+    doomed = path.parent / f".tmp-deleted-{path.name}-{os.getpid()}"
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -211,6 +238,8 @@ def load_latest_checkpoint(
     Skipped (corrupt) checkpoints are reported in one line through ``log``. If checkpoints
     exist but none is usable, a :class:`UsageError` is raised rather than silently starting over.
     """
+    import torch
+
     candidates = list(reversed(list_checkpoints(run_dir)))
     if not candidates:
         return None
@@ -242,8 +271,43 @@ def _describe(bad: list[tuple[str, str]]) -> str:
     return f"checkpoints {', '.join(n for n, _ in bad)} are corrupt ({details})"
 
 
+def check_resume(run_dir: Path, expected_hash: str, num_processes: int) -> None:
+    """Cheap checks of a resume against the newest complete checkpoint's manifest (no torch, no
+    hashing of state files): the config hash and the process count. Raises :class:`UsageError`.
+
+    Only a manifest that parses is checked; corruption is left to :func:`load_latest_checkpoint`,
+    which falls back to an older checkpoint and reports it.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            manifest = read_manifest(path)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(manifest, dict):
+            continue
+        if manifest.get("config_hash") != expected_hash:
+            raise UsageError(
+                "--resume",
+                str(run_dir),
+                f"{path.name} was written with a different configuration (config.yaml was "
+                "edited?); resume with the run's own config.yaml or start a new run",
+            )
+        saved = manifest.get("num_processes")
+        if isinstance(saved, int) and saved != num_processes:
+            raise UsageError(
+                "--resume",
+                str(run_dir),
+                f"the run used {saved} processes; resume it with the same number "
+                f"(this launch has {num_processes})",
+            )
+        return
+
+
 def capture_rng_state() -> dict:
     """Python, numpy, torch CPU and (if available) all CUDA RNG states, weights-only loadable."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -264,6 +328,9 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     """Restore what :func:`capture_rng_state` captured (CUDA only where present and available)."""
+    import numpy as np
+    import torch
+
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     n = state["numpy"]

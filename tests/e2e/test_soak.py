@@ -1,0 +1,72 @@
+"""Soak (slow, ``pytest -m slow tests/e2e/test_soak.py``): many short epochs in one process;
+resident memory and epoch time stay flat (the last third of the epochs against the first third,
+after a warm-up). A leak of tensors kept across epochs (trajectories, graphs, metrics history,
+optimizer state) shows up as RSS growing with the epoch count."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tests.conftest import tiny_overrides
+
+EPOCHS = 30
+WARMUP = 3
+RSS_GROWTH_MB = 64  # allowed growth of the median RSS, last third vs first third
+TIME_RATIO = 1.5  # allowed ratio of median epoch seconds, last third vs first third
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.slow
+def test_memory_and_epoch_time_stay_flat(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    from tdpo.config import build_config
+    from tdpo.trainers.loop import Trainer
+
+    overrides = tiny_overrides(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        run_name="soak",
+        output_dir=str(tmp_path),
+        **{
+            "reward.panel": ["jpeg_incompressibility"],
+            "eval.every": 0,
+            "prompts.train": "simple_animals",
+            "train.batch_size": 4,
+            "train.epochs": EPOCHS,
+            "reset.every": 2,
+            "log.grid_every": 5,
+            "checkpoint.keep": 2,
+        },
+    )
+    config = build_config("tdpo-r", None, overrides)
+    samples: list[tuple[float, float]] = []  # (rss MB, epoch seconds) after each epoch
+
+    def log(message: str) -> None:
+        if message.startswith("epoch "):
+            seconds = float(message.rsplit("|", 1)[1].strip().rstrip("s"))
+            samples.append((rss_mb(), seconds))
+
+    trainer = Trainer(config, tmp_path / "soak", log=log)
+    assert trainer.train() == 0
+    assert len(samples) == EPOCHS
+    steady = samples[WARMUP:]
+    third = len(steady) // 3
+    first, last = steady[:third], steady[-third:]
+    rss_first = statistics.median(r for r, _ in first)
+    rss_last = statistics.median(r for r, _ in last)
+    t_first = statistics.median(t for _, t in first)
+    t_last = statistics.median(t for _, t in last)
+    print(
+        f"RSS {rss_first:.0f} -> {rss_last:.0f} MB; epoch {t_first:.2f} -> {t_last:.2f} s "
+        f"(first vs last third of {len(steady)} epochs after {WARMUP} warm-up)"
+    )
+    assert rss_last - rss_first < RSS_GROWTH_MB
+    assert t_last < TIME_RATIO * t_first + 0.2
