@@ -54,6 +54,12 @@ class SampleConfig:
         4.0, "Classifier-free guidance w (1.0 disables guidance; the paper: 5)."
     )
     batch_size: int = _f(32, "Images sampled per process per batch.")
+    prompts_per_epoch: int = _f(
+        8,
+        "Distinct prompts drawn per epoch, each repeated samples_per_epoch / prompts_per_epoch "
+        "times, so per-prompt normalization has a group from the first epoch (0 = draw every "
+        "sample's prompt independently, as the paper).",
+    )
     samples_per_epoch: int = _f(
         64, "Images sampled per epoch over all processes (reward queries per epoch)."
     )
@@ -169,9 +175,7 @@ class RewardConfig:
 
 @dataclass
 class PromptConfig:
-    train: str = _f(
-        "shapes", "Training prompts: a shipped set name or a .txt file (one per line)."
-    )
+    train: str = _f("shapes", "Training prompts: a shipped set name or a .txt file (one per line).")
 
 
 @dataclass
@@ -268,6 +272,7 @@ _SD14 = {
     "sample.guidance_scale": 5.0,
     "sample.batch_size": 8,
     "sample.samples_per_epoch": 256,
+    "sample.prompts_per_epoch": 0,
     "train.epochs": 100,
     "train.batch_size": 1,
     "train.updates_per_epoch": 0,
@@ -617,6 +622,12 @@ def resolve_schedule(config: Config, num_processes: int) -> Schedule:
             "train.batch_size", t.batch_size, f"must divide the samples per process ({per_process})"
         )
     minibatches = per_process // t.batch_size
+    if s.prompts_per_epoch and s.samples_per_epoch % s.prompts_per_epoch:
+        raise UsageError(
+            "sample.prompts_per_epoch",
+            s.prompts_per_epoch,
+            f"must divide sample.samples_per_epoch={s.samples_per_epoch} (or be 0)",
+        )
     if t.algorithm == "alignprop":  # one backward pass per sampling batch
         batches = per_process // s.batch_size
         updates = t.updates_per_epoch or batches

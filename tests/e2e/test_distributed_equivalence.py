@@ -129,12 +129,6 @@ def test_two_processes_match_one_process(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainers/update.py run_updates returns rank 0's local means: policy_loss, "
-    "approx_kl, clipfrac (and critic_loss, policy_grad_norm) are not averaged over processes; "
-    "measured policy_loss 0.35 with 2 processes vs 2.2e-05 with 1",
-)
 def test_training_statistics_are_averaged_over_processes(runs):
     _, one, two = runs
     for a, b in zip(one, two):

@@ -46,7 +46,7 @@ def alignprop_epoch(trainer, epoch: int) -> dict[str, float]:
 
     cfg, sch, acc = trainer.config, trainer.schedule, trainer.accelerator
     start = time.perf_counter()
-    global_prompts = trainer.prompt_sampler.sample(cfg.sample.samples_per_epoch)
+    global_prompts = trainer.draw_prompts()
     first = acc.process_index * sch.samples_per_process
     unet_cfg = trainer.policy.unet.config
     shape = (

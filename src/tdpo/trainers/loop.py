@@ -357,9 +357,17 @@ class Trainer:
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor.contiguous())
 
+    def draw_prompts(self) -> list[str]:
+        """The epoch's global prompt list: independent draws, or k prompts each repeated."""
+        s = self.config.sample
+        if not s.prompts_per_epoch:
+            return self.prompt_sampler.sample(s.samples_per_epoch)
+        repeats = s.samples_per_epoch // s.prompts_per_epoch
+        return [p for p in self.prompt_sampler.sample(s.prompts_per_epoch) for _ in range(repeats)]
+
     def sample_epoch(self, epoch: int) -> tuple[Trajectory, list[int]]:
         cfg, sch, acc = self.config, self.schedule, self.accelerator
-        global_prompts = self.prompt_sampler.sample(cfg.sample.samples_per_epoch)
+        global_prompts = self.draw_prompts()
         first = acc.process_index * sch.samples_per_process
         local_prompts = global_prompts[first : first + sch.samples_per_process]
         unet = self.policy.unet

@@ -150,4 +150,8 @@ def run_updates(
             progress.update(1)
     out = {key: value / count for key, value in sums.items()}
     out["policy_grad_norm"] = sums.get("policy_grad_norm", 0.0) / max(1, schedule.updates_per_epoch)
-    return out
+    # Statistics are averaged over processes (each process saw its own minibatches).
+    keys = sorted(out)
+    values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
