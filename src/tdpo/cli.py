@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_report_parser(sub)
     add_sweep_parser(sub)
+    from tdpo.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -438,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             from tdpo.sweep import run_sweep
 
             return run_sweep(args)
+        if args.command == "bench":
+            from tdpo.bench import run_bench
+
+            return run_bench(args)
         if args.command == "world":
             from tdpo.world.cli import run_world
 

@@ -1,0 +1,514 @@
+"""One-shot GPU check at Stable Diffusion 1.5 scale, with random weights (no download).
+
+Builds SD 1.5's architecture from configs (UNet, VAE, ViT-L/14 text encoder, a word tokenizer
+written locally) and a ViT-L/14 vision tower as the critic backbone, saves them to a temporary
+folder, then in bf16 on CUDA times:
+
+1. a plain ``pipe(...)`` call: 8 images, 512x512, 50 steps, guidance 5, eta 1;
+2. ``DiffusionPolicy.sample`` at the same settings against ``pipe(...)`` on the same LoRA UNet,
+   alternating (the ratio; target <= 1.05);
+3. one TDPO-R epoch (8 samples, 50 steps, LoRA, image critic): seconds split sample / value /
+   train and peak memory;
+4. the same with the latent critic;
+5. one DDPO-100 epoch.
+
+Every part is guarded: one failure still reports the others. Results: a table on stdout and
+JSON in ``$OUT/gpu_check.json`` (``./gpu_check.json`` when OUT is unset, or ``--out``).
+``--tiny`` runs the same code at toy sizes (2 samples, 4 steps) on CPU, for the tests.
+
+Run from the repository root (it puts ``src`` on ``sys.path``, no install needed)::
+
+    python benchmarks/gpu_check.py            # GPU, SD 1.5 scale
+    python benchmarks/gpu_check.py --tiny     # CPU or GPU, toy scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+VIT_L14_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+
+# The same builders at toy sizes (--tiny): every code path of the full run, in seconds on CPU.
+TINY_UNET = dict(
+    SD15_UNET,
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 32, 64, 64),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TINY_VAE = dict(
+    SD15_VAE,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    sample_size=64,
+    norm_num_groups=16,
+)
+TINY_TEXT = dict(
+    SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
+TINY_VISION = dict(
+    VIT_L14_VISION,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "the",
+    "cat",
+    "dog",
+    "horse",
+    "bird",
+    "fish",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "large",
+    "on",
+    "in",
+    "with",
+    "and",
+    "white",
+    "black",
+    "background",
+    "circle",
+    "square",
+    "triangle",
+]
+
+
+def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
+    """Save a random SD 1.5-architecture pipeline and a ViT-L/14 CLIP vision tower."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from tdpo.tiny import write_word_tokenizer
+
+    unet_cfg, vae_cfg, text_cfg, vision_cfg = (
+        (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION)
+        if tiny
+        else (SD15_UNET, SD15_VAE, SD15_TEXT, VIT_L14_VISION)
+    )
+    torch.manual_seed(0)
+    pipe_dir, clip_dir = directory / "sd15-random", directory / "clip-l14-random"
+    # Initialize on the device (random init of 1.3 G parameters is slow on the CPU), save bf16.
+    save_dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        tokenizer = write_word_tokenizer(directory / "tok", WORDS, max_length=77)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text_cfg,
+            )
+        )
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(dtype=save_dtype)
+    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    vision.to(dtype=save_dtype).save_pretrained(clip_dir, safe_serialization=True)
+    size = vision_cfg["image_size"]
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(clip_dir)
+    del pipe, unet, vae, text_encoder, vision
+    return pipe_dir, clip_dir
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:  # CPU: the process's resident high-water mark
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def run_part(results: dict, name: str, fn, deadline: float) -> None:
+    """Run one part; record its result or its error; skip it past the deadline."""
+    if time.monotonic() > deadline:
+        results[name] = {"skipped": "time budget spent"}
+        print(f"[{name}] skipped (time budget)", flush=True)
+        return
+    reset_peak()
+    print(f"[{name}] ...", flush=True)
+    try:
+        out = fn()
+        out["peak_gib"] = peak_gib()
+        results[name] = out
+        print(f"[{name}] {json.dumps(out, default=str)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        traceback.print_exc()
+    finally:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (2 samples, 4 steps)")
+    parser.add_argument("--out", help="JSON path (default $OUT/gpu_check.json or ./gpu_check.json)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip parts after this")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds in part 2")
+    parser.add_argument("--train-batch", type=int, help="training minibatch (2; 1 with --tiny)")
+    parser.add_argument("--embed-batch", type=int, default=16, help="critic decode batch (16)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    cuda = torch.cuda.is_available()
+    if not cuda:  # more threads than free cores slows small models down several-fold
+        torch.set_num_threads(1)
+    if args.train_batch is None:
+        args.train_batch = 1 if args.tiny else 2
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    mixed = "bf16" if cuda else "fp32"
+    if args.tiny:
+        samples, steps, size_note = 2, 4, "toy configs"
+    else:
+        samples, steps, size_note = 8, 50, "SD 1.5 architecture, random weights, 512x512"
+    guidance, eta = 5.0, 1.0
+    out_path = Path(args.out or Path(os.environ.get("OUT") or ".") / "gpu_check.json")
+    results: dict = {
+        "settings": {
+            "tiny": args.tiny,
+            "what": size_note,
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "dtype": str(dtype),
+            "samples": samples,
+            "steps": steps,
+            "guidance": guidance,
+            "eta": eta,
+            "train_batch": args.train_batch,
+            "embed_batch": args.embed_batch,
+        }
+    }
+    with contextlib.suppress(Exception):
+        import diffusers
+        import peft
+        import transformers
+
+        results["settings"]["versions"] = {
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        }
+    prompts = ["a photo of a red cat on a white background"] * samples
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    state: dict = {}
+
+    def part_build():
+        seconds, (pipe_dir, clip_dir) = timed(lambda: build_models(tmp, args.tiny, device))
+        state["pipe_dir"], state["clip_dir"] = pipe_dir, clip_dir
+        return {"seconds": seconds}
+
+    run_part(results, "0_build", part_build, deadline + 1e9)
+    if "pipe_dir" not in state:
+        return finish(results, out_path, 1)
+
+    from tdpo.config import ModelConfig, SampleConfig
+    from tdpo.policy import DiffusionPolicy, load_pipeline
+    from tdpo.trainers.loop import sample_noise
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
+
+    def call_pipe(pipe, num_steps=steps):
+        with autocast():
+            return pipe(
+                prompt=prompts,
+                num_inference_steps=num_steps,
+                guidance_scale=guidance,
+                eta=eta,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            )
+
+    def part_pipe():
+        pipe = load_pipeline(str(state["pipe_dir"]), dtype=dtype).to(device)
+        state["pipe"] = pipe
+        call_pipe(pipe, 2)  # warm-up
+        reset_peak()
+        seconds, _ = timed(lambda: call_pipe(pipe))
+        return {"seconds": seconds, "images_per_s": samples / seconds}
+
+    def part_sample():
+        pipe = state.pop("pipe", None) or load_pipeline(str(state["pipe_dir"]), dtype=dtype).to(
+            device
+        )
+        sample_cfg = SampleConfig(
+            num_steps=steps, eta=eta, guidance_scale=guidance, batch_size=samples
+        )
+        policy = DiffusionPolicy(pipe, ModelConfig(pretrained=str(state["pipe_dir"])), sample_cfg)
+        policy.to(device)
+        base = pipe.unet.config
+        noise = sample_noise(
+            list(range(samples)), (steps + 1, base.in_channels, base.sample_size, base.sample_size)
+        ).to(device)
+
+        def ours():
+            with autocast():
+                return policy.sample(policy.unet, prompts, noise)
+
+        ours()  # warm-up (LoRA layers)
+        times = {"policy_sample": [], "pipeline_call": []}
+        for r in range(args.repeats):
+            order = [("policy_sample", ours), ("pipeline_call", lambda: call_pipe(pipe))]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                times[name].append(timed(fn)[0])
+        ratios = sorted(a / b for a, b in zip(times["policy_sample"], times["pipeline_call"]))
+        return {
+            "seconds": times,
+            "ratio_median": ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios) / 2,
+            "ratios": ratios,
+            "target": 1.05,
+        }
+
+    def part_epoch(method: str, critic_input: str | None):
+        def run():
+            from tdpo.config import build_config
+            from tdpo.trainers.loop import Trainer
+
+            overrides = {
+                "model.pretrained": str(state["pipe_dir"]),
+                "critic.backbone": str(state["clip_dir"]),
+                "reward.name": "jpeg_compressibility",
+                "reward.panel": [],
+                "mixed_precision": mixed,
+                "sample.num_steps": steps,
+                "sample.guidance_scale": guidance,
+                "sample.eta": eta,
+                "sample.batch_size": samples,
+                "sample.samples_per_epoch": samples,
+                "train.batch_size": min(args.train_batch, samples),
+                "train.epochs": 1,
+                "train.norm_min_count": 2,
+                "critic.embed_batch_size": args.embed_batch,
+                "eval.every": 0,
+                "log.tensorboard": False,
+                "log.progress": False,
+                "log.grid_every": 0,
+            }
+            from dataclasses import fields
+
+            from tdpo.config import SampleConfig
+
+            if "prompts_per_epoch" in {f.name for f in fields(SampleConfig)}:
+                overrides["sample.prompts_per_epoch"] = 0
+            if critic_input:
+                overrides["critic.input"] = critic_input
+            config = build_config(method, None, overrides)
+            trainer = Trainer(config, tmp / f"run-{method}-{critic_input}", log=lambda _m: None)
+            reset_peak()
+            seconds, metrics = timed(lambda: trainer.epoch_step(0))
+            out = {
+                "seconds": seconds,
+                "seconds_sample": metrics["seconds_sample"],
+                "seconds_value": metrics["seconds_value"],
+                "seconds_train": metrics["seconds_train"],
+                "updates": trainer.schedule.updates_per_epoch,
+                "passes": trainer.schedule.minibatches * steps,
+            }
+            return out
+
+        return run
+
+    run_part(results, "1_pipe_call", part_pipe, deadline)
+    run_part(results, "2_policy_sample_vs_pipe", part_sample, deadline)
+    state.pop("pipe", None)
+    run_part(results, "3_tdpo_r_image_epoch", part_epoch("tdpo-r", "image"), deadline)
+    run_part(results, "4_tdpo_r_latent_epoch", part_epoch("tdpo-r", "latent"), deadline)
+    run_part(results, "5_ddpo100_epoch", part_epoch("ddpo-100", None), deadline)
+    results["wall_s"] = time.monotonic() - start
+    failed = any("error" in v for v in results.values() if isinstance(v, dict))
+    return finish(results, out_path, 1 if failed else 0)
+
+
+def finish(results: dict, out_path: Path, code: int) -> int:
+    print(format_table(results), flush=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {out_path}", flush=True)
+    return code
+
+
+def format_table(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        f"gpu_check: {s['what']} on {s['device']} ({s['dtype']}), {s['samples']} samples, "
+        f"{s['steps']} steps, guidance {s['guidance']}, eta {s['eta']}",
+        f"{'part':<26} {'seconds':>8} {'sample':>7} {'value':>7} {'train':>7} {'peak GiB':>9}  note",
+    ]
+    for name, r in results.items():
+        if name in ("settings", "wall_s") or not isinstance(r, dict):
+            continue
+        if "error" in r or "skipped" in r:
+            lines.append(f"{name:<26} {r.get('error') or r.get('skipped')}")
+            continue
+        seconds = r.get("seconds")
+        if isinstance(seconds, dict):  # part 2: medians of each side
+            seconds = sorted(seconds["policy_sample"])[len(seconds["policy_sample"]) // 2]
+        cols = [f"{seconds:8.2f}" if isinstance(seconds, float) else f"{'':>8}"]
+        for key in ("seconds_sample", "seconds_value", "seconds_train"):
+            cols.append(f"{r[key]:7.2f}" if key in r else f"{'':>7}")
+        peak = r.get("peak_gib")
+        cols.append(f"{peak:9.2f}" if isinstance(peak, float) else f"{'':>9}")
+        note = ""
+        if "ratio_median" in r:
+            note = f"policy.sample / pipe() = {r['ratio_median']:.3f} (target <= 1.05)"
+        elif "images_per_s" in r:
+            note = f"{r['images_per_s']:.2f} images/s"
+        elif "updates" in r:
+            note = f"{r['passes']} fwd+bwd passes, {r['updates']} updates"
+        lines.append(f"{name:<26} " + " ".join(cols) + f"  {note}")
+    if "wall_s" in results:
+        lines.append(f"wall: {results['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
