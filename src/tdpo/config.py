@@ -85,13 +85,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         True, "AlignProp: recompute UNet activations in the backward pass to save memory."
     )
-    learning_rate: float = _f(1e-4, "Policy AdamW learning rate.")
+    learning_rate: float = _f(1e-3, "Policy AdamW learning rate (the paper: 1e-4).")
     adam_beta1: float = _f(0.9, "AdamW beta1 (policy and critic).")
     adam_beta2: float = _f(0.999, "AdamW beta2 (policy and critic).")
     weight_decay: float = _f(1e-4, "AdamW weight decay (policy and critic).")
     adam_eps: float = _f(1e-8, "AdamW epsilon (policy and critic).")
     max_grad_norm: float = _f(1.0, "Gradient-norm clip for the policy (and, separately, critic).")
-    clip_range: float = _f(1e-4, "PPO ratio clip epsilon.")
+    clip_range: float = _f(1e-2, "PPO ratio clip epsilon (the paper: 1e-4).")
     cfg: bool = _f(True, "Use classifier-free guidance when re-evaluating log-probs in training.")
     max_nonfinite_fraction: float = _f(
         0.1,
@@ -123,7 +123,7 @@ class CriticConfig:
         "linear", "Critic head: the reference linear MLP (no nonlinearity) or the same with ReLU."
     )
     timestep_input: bool = _f(False, "Feed the normalized timestep to the head as well.")
-    learning_rate: float = _f(1e-4, "Critic AdamW learning rate.")
+    learning_rate: float = _f(1e-3, "Critic AdamW learning rate (the paper: 1e-4).")
     value_clip: float = _f(0.2, "Clip range of the value loss around V_old.")
     value_coef: float = _f(1.0, "Weight c_v of the value loss.")
     embed_batch_size: int = _f(64, "States decoded and embedded per batch when valuing states.")
@@ -223,6 +223,9 @@ class Config:
     output_dir: str = _f("runs", "Parent folder of run directories.")
     run_name: str | None = _f(None, "Run directory name (default: <preset>-<timestamp>).")
     seed: int = _f(0, "Seed of every random draw (prompts, noise, shuffles, dropout, resets).")
+    cpu_threads: int = _f(
+        0, "torch CPU threads (0 = torch's default; 1 is fastest when other jobs share the cores)."
+    )
     mixed_precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "Autocast precision for training; frozen models use it on GPU too."
     )
@@ -568,6 +571,8 @@ def validate(config: Config) -> None:
         raise UsageError(
             "train.max_nonfinite_fraction", t.max_nonfinite_fraction, "must be in [0, 1]"
         )
+    if config.cpu_threads < 0:
+        raise UsageError("cpu_threads", config.cpu_threads, "must be >= 0 (0 = torch's default)")
     e = config.eval
     if e.every < 0:
         raise UsageError("eval.every", e.every, "must be >= 0 (0 = never)")

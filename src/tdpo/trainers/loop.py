@@ -122,6 +122,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.log = log
         # cpu=True without CUDA: several processes then form a gloo (MULTI_CPU) group.
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.accelerator = Accelerator(
             mixed_precision=MIXED_PRECISION[config.mixed_precision],
             cpu=not torch.cuda.is_available(),
