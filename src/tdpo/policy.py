@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdpo.algos.ddim import ddim_step_logprob
+from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
 
@@ -291,9 +291,7 @@ class DiffusionPolicy(nn.Module):
                 self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=latents
             )
             next_latents = mean_std.mean + mean_std.std * noise[:, k + 1]
-            step = ddim_step_logprob(
-                self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=next_latents
-            )
+            log_prob = gaussian_log_prob(next_latents, mean_std.mean, mean_std.std)
             if with_reference:
                 with self.reference_mode(unet) as ref_unet:
                     ref_pred = self.predict_noise(
@@ -305,7 +303,7 @@ class DiffusionPolicy(nn.Module):
                 ref_log_probs.append(ref.log_prob)
             latents = next_latents.float()
             all_latents.append(latents)
-            log_probs.append(step.log_prob)
+            log_probs.append(log_prob)
             if progress is not None:
                 progress.update(1)
         images = self.decode(latents)

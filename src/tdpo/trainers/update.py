@@ -95,7 +95,7 @@ def run_updates(
     if critic is not None:
         clip_groups.append((list(critic.parameters()), train_cfg.max_grad_norm))
         critic.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor | float] = {}  # on-device sums: no host sync per pass
     count = 0
     for step_index, (j, m) in enumerate(order):
         rows, k = minibatch(j, m)
@@ -132,7 +132,7 @@ def run_updates(
                     values, batch.old_values[rows, k], batch.returns[rows, k], critic_cfg.value_clip
                 )
                 loss = loss + critic_cfg.value_coef * value_loss
-                sums["critic_loss"] = sums.get("critic_loss", 0.0) + value_loss.item()
+                sums["critic_loss"] = sums.get("critic_loss", 0.0) + value_loss.detach()
             if loss.requires_grad:  # all-deterministic steps (sigma=0) carry no gradient
                 accelerator.backward(loss / schedule.accumulation)
         if is_update:
@@ -142,13 +142,13 @@ def run_updates(
                 getattr(accelerator, "scaler", None),
             )
             sums["policy_grad_norm"] = sums.get("policy_grad_norm", 0.0) + norms[0]
-        sums["policy_loss"] = sums.get("policy_loss", 0.0) + policy_loss.item()
+        sums["policy_loss"] = sums.get("policy_loss", 0.0) + policy_loss.detach()
         for key in ("approx_kl", "clipfrac"):
-            sums[key] = sums.get(key, 0.0) + float(info[key])
+            sums[key] = sums.get(key, 0.0) + info[key].detach()
         count += 1
         if progress is not None:
             progress.update(1)
-    out = {key: value / count for key, value in sums.items()}
+    out = {key: float(value) / count for key, value in sums.items()}
     out["policy_grad_norm"] = sums.get("policy_grad_norm", 0.0) / max(1, schedule.updates_per_epoch)
     # Statistics are averaged over processes (each process saw its own minibatches).
     keys = sorted(out)
