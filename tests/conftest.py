@@ -43,6 +43,7 @@ def tiny_overrides(pipeline_dir, clip_dir, **extra) -> dict:
         "sample.num_steps": 4,
         "sample.batch_size": 4,
         "sample.samples_per_epoch": 8,
+        "sample.prompts_per_epoch": 0,
         "sample.guidance_scale": 3.0,
         "train.batch_size": 2,
         "train.epochs": 2,
