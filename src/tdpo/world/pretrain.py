@@ -197,6 +197,15 @@ def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def _copy_bpe_files(src: Path, dst: Path) -> None:
+    """transformers 5 saves only tokenizer.json; also ship the generated vocab.json and
+    merges.txt (what a slow CLIPTokenizer and older transformers read)."""
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(src / name, dst / name)
+
+
 def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -257,6 +266,7 @@ def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    _copy_bpe_files(out / "tokenizer_src", out / "pipeline" / "tokenizer")
     return {
         "steps": steps,
         "unet_params": models.n_params(unet),
@@ -322,6 +332,7 @@ def stage_clip(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     clip.eval().requires_grad_(False)
     clip.save_pretrained(out / "clip", safe_serialization=True)
     tokenizer.save_pretrained(out / "clip")
+    _copy_bpe_files(out / "tokenizer_src", out / "clip")
     models.build_image_processor().save_pretrained(out / "clip")
     retrieval = clip_retrieval(ClipFeatures(clip, tokenizer), n=_scaled(1200, scale, 120))
     return {"steps": steps, "params": models.n_params(clip), "retrieval": retrieval, **logs}

@@ -307,7 +307,7 @@ LABEL_SPECS: dict[str, dict[str, Any]] = {
         "kind": "rating_1_7",
         "target": "gold",
         "pool": (0.3, 0.85),
-        "clean": (0.25, 0.5),
+        "clean": (0.0, 0.0),  # clean images in the mix cut the base-sample Pearson (0.82 -> 0.65)
         "noise_std": 0.08,
         "steps": 600,  # more overfits the integer ratings (measured: base-sample Pearson falls)
         "lr": 1e-3,
@@ -327,8 +327,8 @@ LABEL_SPECS: dict[str, dict[str, Any]] = {
     "shapes_hps": {
         "kind": "pairs",
         "target": "gold",
-        "pool": (0.0, 0.6),
-        "clean": (0.5, 1.0),
+        "pool": (0.0, 0.7),
+        "clean": (0.0, 0.0),
         "temperature": 0.04,
         "pairs_per_image": 2.0,
         "steps": 1000,
