@@ -97,10 +97,12 @@ def _print_report(report: dict) -> None:
             f"unseen {c.get('pearson_base_unseen'):.3f}, clean {c.get('pearson_clean'):.3f}"
         )
     for name, h in report.get("pixel_hack", {}).items():
+        target = ""
+        if h["target"] != "gold":
+            target = f"gold {h['target']} {h['target_before']:.3f} -> {h['target_after']:.3f}, "
         print(
             f"  pixel-space ascent on {name}: reward {h['reward_before']:.3f} -> "
-            f"{h['reward_after']:.3f}, gold {h['target']} {h['target_before']:.3f} -> "
-            f"{h['target_after']:.3f}, gold {h['gold_before']:.3f} -> {h['gold_after']:.3f}"
+            f"{h['reward_after']:.3f}, {target}gold {h['gold_before']:.3f} -> {h['gold_after']:.3f}"
         )
     sizes = report.get("sizes_bytes", {})
     if sizes:
