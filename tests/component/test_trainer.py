@@ -197,3 +197,37 @@ def test_final_lora_loads_into_the_pipeline_and_gives_the_same_images(
     ).images
     torch.testing.assert_close(theirs.float(), ours, atol=2e-4, rtol=0)
     assert (base.float() - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
+
+
+def test_full_finetuning_trains_every_unet_weight_and_exports_the_unet(trainer, tmp_path):
+    tr = trainer(
+        **{
+            "model.finetune": "full",
+            "train.algorithm": "ddpo",
+            "train.updates_per_epoch": 2,
+            "train.epochs": 1,
+        }
+    )
+    before = {n: p.detach().clone() for n, p in tr.unet.named_parameters()}
+    assert all(p.requires_grad for p in tr.unet.parameters())
+    assert tr.train() == 0
+    changed = sum(not torch.equal(p, before[n]) for n, p in tr.unet.named_parameters())
+    assert changed > len(before) // 2
+    assert (tmp_path / "run" / "final" / "unet" / "config.json").is_file()
+
+
+def test_kl_penalty_uses_the_base_model_as_reference(trainer):
+    tr = trainer(**{"kl.coef": 0.1, "kl.estimator": "kl"})
+    metrics = tr.epoch_step(0)
+    # LoRA starts at the base model (B = 0), so the first epoch's KL to the reference is zero.
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["kl_coef"] == pytest.approx(0.1)
+    traj_kl = tr.epoch_step(1)["kl"]
+    assert traj_kl != 0.0  # after an update the policy has moved away from the reference
+
+
+def test_bf16_autocast_epoch_runs_on_cpu(trainer):
+    tr = trainer(**{"mixed_precision": "bf16"})
+    metrics = tr.epoch_step(0)
+    assert all(torch.isfinite(p).all() for p in tr.unet.parameters())
+    assert metrics["policy_loss"] == metrics["policy_loss"]

@@ -181,3 +181,58 @@ def test_yaml_config_file_is_applied(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 7" in out and "num_steps: 10" in out
+
+
+def test_sample_command_with_a_trained_lora(tiny_pipeline_dir, tiny_clip_dir, tmp_path, capsys):
+    from PIL import Image
+
+    assert (
+        _train(
+            tiny_pipeline_dir,
+            tiny_clip_dir,
+            tmp_path,
+            "run",
+            **{"train.epochs": 1, "log.tensorboard": True},
+        )
+        == 0
+    )
+    assert list((tmp_path / "run").glob("events.out.tfevents.*")), "no TensorBoard events"
+    out = tmp_path / "samples"
+    code = main(
+        [
+            "sample",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--lora",
+            str(tmp_path / "run" / "final"),
+            "--prompt",
+            "a red cat",
+            "--prompt",
+            "a blue dog",
+            "--seeds",
+            "0,1",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    pngs = sorted(p.name for p in out.glob("p*_s*.png"))
+    assert pngs == ["p000_s0.png", "p000_s1.png", "p001_s0.png", "p001_s1.png"]
+    assert Image.open(out / "p000_s0.png").size == (16, 16)
+    assert (out / "grid.png").is_file()
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_pipeline_dir),
+                "--lora",
+                "/no/such/lora",
+                "--prompt",
+                "x",
+            ]
+        )
+        == 2
+    )

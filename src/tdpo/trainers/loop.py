@@ -121,6 +121,11 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.log = log
+        # A fresh AcceleratorState per trainer, so several runs can share a process (sweeps,
+        # notebooks) with different mixed precision; the process group (PartialState) stays.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         # cpu=True without CUDA: several processes then form a gloo (MULTI_CPU) group.
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
