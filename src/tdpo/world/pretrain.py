@@ -41,8 +41,11 @@ CKPT_EVERY = 100
 # Full-scale sizes (multiplied by steps_scale).
 N_TRAIN_IMAGES = 20000
 N_CLIP_IMAGES = 10000
-VAE_STEPS, VAE_BATCH, VAE_LR = 1500, 64, 1e-3
-UNET_STEPS, UNET_BATCH, UNET_LR = 2000, 128, 1e-3
+VAE_STEPS, VAE_BATCH, VAE_LR = 800, 64, 1e-3
+# An L1 term sharpens reconstructions (measured: 1,500 steps with weight 0.5 reached MSE 0.0061
+# vs 0.0104 for 800 steps without); 0 reproduces the shipped weights.
+VAE_L1_WEIGHT = 0.0
+UNET_STEPS, UNET_BATCH, UNET_LR = 1600, 128, 1e-3
 CLIP_STEPS, CLIP_BATCH, CLIP_LR = 1200, 128, 1e-3
 CAPTION_DROPOUT = 0.1
 N_POOL, N_EVAL, N_CLEAN = 1536, 256, 512  # base samples for labels, for evaluation; clean images
@@ -155,9 +158,10 @@ def stage_vae(out: Path, scale: float, seed: int, quiet: bool) -> dict:
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
-        l1 = F.l1_loss(rec, x)  # sharper edges than MSE alone
         kl = post.kl().mean() / (3 * 32 * 32)
-        loss = mse + 0.5 * l1 + 1e-4 * kl
+        loss = mse + 1e-4 * kl
+        if VAE_L1_WEIGHT:
+            loss = loss + VAE_L1_WEIGHT * F.l1_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
