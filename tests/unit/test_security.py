@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "tdpo"
 # Known offender (not owned by this test's author): pretraining caches of the shapes world are
 # read with weights_only=False. See test_world_pretrain_reads_its_caches_weights_only.
-KNOWN_UNSAFE_TORCH_LOAD = {"world/pretrain.py"}
+KNOWN_UNSAFE_TORCH_LOAD: set[str] = set()
 
 
 def _calls(path: Path):
@@ -73,11 +73,6 @@ def test_every_torch_load_is_weights_only():
     assert not found, f"torch.load without weights_only=True: {found}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tdpo/world/pretrain.py reads its .pt caches with torch.load(weights_only=False) "
-    "(3 places); they hold only tensors, lists, str and dicts, so weights_only=True works",
-)
 def test_world_pretrain_reads_its_caches_weights_only():
     assert "world/pretrain.py" not in _unsafe_torch_loads()
 

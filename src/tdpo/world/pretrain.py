@@ -87,7 +87,7 @@ def _train_loop(
     ckpt = out / f"{name}.ckpt.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k, m in params_owner.items():
             m.load_state_dict(state["models"][k])
         opt.load_state_dict(state["optimizer"])
@@ -139,7 +139,7 @@ def stage_data(out: Path, scale: float, seed: int, quiet: bool) -> dict:
 
 
 def _load_images(out: Path, name: str) -> tuple[torch.Tensor, list[str]]:
-    d = torch.load(out / name, weights_only=False)
+    d = torch.load(out / name, weights_only=True)
     return d["images"].float() / 255.0, d["prompts"]
 
 
@@ -348,7 +348,7 @@ def _base_samples(out: Path, scale: float, seed: int, quiet: bool) -> dict[str, 
 
     path = out / "samples.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     pipe = load_pipeline(out / "pipeline")
     sets = {
         "pool": (gen.seen_prompts(), _scaled(N_POOL, scale, 32), seed + 101),
