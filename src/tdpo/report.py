@@ -559,6 +559,74 @@ def plot_ood(groups, colours, out: Path, gold_only: bool) -> list[tuple[str, str
     return made
 
 
+def heldout_series(run: Run, label: str, x_key: str, y_key: str) -> dict[int, tuple[float, float]]:
+    """{epoch: (x, y)} from the evaluation lines of one run (fixed prompts and noise)."""
+    out = {}
+    for row in run.rows:
+        x, y = row.get(f"eval/{label}/{x_key}"), row.get(f"eval/{label}/{y_key}")
+        if _finite(x) and _finite(y):
+            out[int(row["epoch"])] = (float(x), float(y))
+    return out
+
+
+def plot_heldout_tradeoff(groups, colours, out: Path) -> list[tuple[str, str]]:
+    """Held-out training reward (x) against each held-out gold / out-of-domain reward (y), mean
+    and standard deviation over seeds at every evaluation epoch: the same prompts and initial
+    noise at every point, so the curves are free of the epoch-to-epoch prompt mix."""
+    made = []
+    for g_index, (reward, by_method) in enumerate(groups.items()):
+        runs = [r for rs in by_method.values() for r in rs]
+        keys = sorted(
+            {k for r in runs for k in r.rows[-1] if k.startswith("eval/")}
+            | {k for r in runs for row in r.rows for k in row if k.startswith("eval/")}
+        )
+        labels = sorted({k.split("/")[1] for k in keys if k.endswith(f"/{reward}")})
+        targets = sorted({k.split("/", 2)[2] for k in keys} - {reward, "kl", "diversity"})
+        gold = [t for t in targets if "gold" in t]
+        targets = gold + [t for t in targets if t not in gold]
+        panels = [(label, t) for label in labels for t in targets]
+        if not panels:
+            continue
+        fig, axes = _figure(len(panels), 4.6, 3.4)
+        for ax, (label, target) in zip(axes, panels):
+            for method, method_runs in by_method.items():
+                series = [heldout_series(r, label, reward, target) for r in method_runs]
+                epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
+                if not epochs:
+                    continue
+                xs = np.array([[s[e][0] for e in epochs] for s in series])
+                ys = np.array([[s[e][1] for e in epochs] for s in series])
+                ax.errorbar(
+                    xs.mean(0),
+                    ys.mean(0),
+                    xerr=xs.std(0),
+                    yerr=ys.std(0),
+                    marker="o",
+                    ms=3,
+                    lw=1.2,
+                    capsize=2,
+                    color=colours[method],
+                    label=method,
+                )
+            ax.set_xlabel(f"eval/{label}/{reward} (training reward)")
+            ax.set_ylabel(f"eval/{label}/{target}")
+            ax.set_title(f"{label} prompts: {target}", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        name = f"heldout_tradeoff_{g_index}.png"
+        _save(fig, out / name)
+        made.append(
+            (
+                name,
+                f"Held-out evaluation, training on {reward}: the training reward "
+                "against gold and the other rewards on fixed prompts and noise, mean and "
+                "standard deviation over seeds at each evaluation epoch (the first point is "
+                "the base model). Cf. the paper's Figure 3.",
+            )
+        )
+    return made
+
+
 def plot_dynamics(runs: list[Run], colours, out: Path) -> list[tuple[str, str]]:
     present = [(k, t) for k, t in DYNAMICS_KEYS if any(last_value(r, k) is not None for r in runs)]
     if not present:
@@ -735,6 +803,7 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
     plots = plot_sample_efficiency(groups, colours, out)
     plots += plot_ood(groups, colours, out, gold_only=False)
     plots += plot_ood(groups, colours, out, gold_only=True)
+    plots += plot_heldout_tradeoff(groups, colours, out)
     plots += plot_dynamics(runs, colours, out)
     samples = {}
     for run in runs:
