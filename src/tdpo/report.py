@@ -112,14 +112,15 @@ def method_label(config: dict[str, Any]) -> str:
     if algorithm == "tdpo":
         reset = _get(config, "reset.enabled", False)
         target = _get(config, "reset.target", "active")
+        suffix = " (latent critic)" if _get(config, "critic.input") == "latent" else ""
         if reset and target == "active":
-            return "TDPO-R"
+            return "TDPO-R" + suffix
         if reset:
-            return f"TDPO-reset-{target}"
-        return "TDPO"
-    if algorithm == "ddpo":
+            return f"TDPO-reset-{target}" + suffix
+        return "TDPO" + suffix
+    if algorithm == "ddpo":  # updates_per_epoch 0 = auto: 2 per timestep slice
         updates = int(_get(config, "train.updates_per_epoch", 0) or 0)
-        return f"DDPO-{updates or 2}"
+        return f"DDPO-{updates or 2 * int(_get(config, 'sample.num_steps', 50))}"
     if algorithm == "alignprop":
         return "AlignProp"
     return algorithm
