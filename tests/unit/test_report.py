@@ -122,7 +122,18 @@ def test_bad_input_exits_2(tmp_path, capsys):
             "TDPO-R",
         ),
         ({"train": {"algorithm": "tdpo"}, "reset": {"enabled": False}}, "TDPO"),
-        ({"train": {"algorithm": "ddpo", "updates_per_epoch": 0}}, "DDPO-2"),
+        (
+            {"train": {"algorithm": "ddpo", "updates_per_epoch": 0}, "sample": {"num_steps": 20}},
+            "DDPO-40",
+        ),
+        (
+            {
+                "train": {"algorithm": "tdpo"},
+                "reset": {"enabled": True},
+                "critic": {"input": "latent"},
+            },
+            "TDPO-R (latent critic)",
+        ),
         ({"train": {"algorithm": "ddpo", "updates_per_epoch": 100}}, "DDPO-100"),
         ({"train": {"algorithm": "alignprop"}}, "AlignProp"),
         ({"run_label": "mine", "train": {"algorithm": "ddpo"}}, "mine"),
