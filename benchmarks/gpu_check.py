@@ -127,34 +127,6 @@ TINY_VISION = dict(
     projection_dim=16,
 )
 
-WORDS = [
-    "a",
-    "photo",
-    "of",
-    "an",
-    "the",
-    "cat",
-    "dog",
-    "horse",
-    "bird",
-    "fish",
-    "red",
-    "green",
-    "blue",
-    "small",
-    "large",
-    "on",
-    "in",
-    "with",
-    "and",
-    "white",
-    "black",
-    "background",
-    "circle",
-    "square",
-    "triangle",
-]
-
 
 def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     """Save a random SD 1.5-architecture pipeline and a ViT-L/14 CLIP vision tower."""
@@ -172,7 +144,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
         CLIPVisionModelWithProjection,
     )
 
-    from tdpo.tiny import write_word_tokenizer
+    from tdpo.tiny import TINY_WORDS, write_word_tokenizer
 
     unet_cfg, vae_cfg, text_cfg, vision_cfg = (
         (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION)
@@ -186,7 +158,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        tokenizer = write_word_tokenizer(directory / "tok", WORDS, max_length=77)
+        tokenizer = write_word_tokenizer(directory / "tok", list(TINY_WORDS), max_length=77)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 bos_token_id=tokenizer.bos_token_id,

@@ -193,27 +193,6 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
-def _check_model_path(spec: str, field: str = "model.pretrained") -> None:
-    """The cheap part of ``tdpo.policy.check_pipeline_path`` without importing torch: a local
-    path must be a saved diffusers pipeline (Hub ids are checked when they load)."""
-    if spec in ("shapes-world", "shapes-clip"):
-        from tdpo.world import CLIP_DIR, PIPELINE_DIR
-
-        spec = str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
-    if not (spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1):
-        return
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UsageError(field, spec, "no such folder; give a Hub id or a pipeline folder")
-    if not (path / "model_index.json").is_file():
-        raise UsageError(
-            field,
-            spec,
-            "not a diffusers pipeline folder (no model_index.json); "
-            "save one with pipe.save_pretrained(DIR)",
-        )
-
-
 def _check_plugin_module(spec: str, field: str) -> None:
     """A ``package.module:factory`` reward whose module cannot be found (nothing is imported)."""
     import importlib.util
@@ -261,7 +240,9 @@ def precheck_train(config, run_dir: Path, resume: bool, num_processes: int) -> N
         check_resume(run_dir, run_config_hash(config), num_processes)
     else:
         check_run_dir(run_dir)
-    _check_model_path(config.model.pretrained)
+    from tdpo.paths import check_pipeline_path
+
+    check_pipeline_path(config.model.pretrained)
     load_prompts(config.prompts.train)
     names = [("reward.name", config.reward.name)]
     names += [(f"reward.panel[{i}]", n) for i, n in enumerate(config.reward.panel)]

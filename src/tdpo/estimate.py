@@ -54,7 +54,7 @@ def safetensors_numel(folder: Path) -> int:
 def _millions(
     spec: str, table: dict[str, object], subfolders: tuple[str, ...]
 ) -> list[float] | None:
-    from tdpo.policy import resolve_alias
+    from tdpo.paths import resolve_alias
 
     path = Path(resolve_alias(spec)).expanduser()
     if path.is_dir():

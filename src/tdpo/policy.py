@@ -19,6 +19,7 @@ from torch import nn
 from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
+from tdpo.paths import check_pipeline_path, looks_like_path, resolve_alias
 
 
 @dataclass
@@ -65,37 +66,6 @@ class Trajectory:
         return Trajectory(**out)
 
 
-def resolve_alias(spec: str) -> str:
-    """Names of the shipped shapes world: ``shapes-world`` (the pipeline folder) and
-    ``shapes-clip`` (its tiny CLIP); anything else is returned unchanged."""
-    if spec in ("shapes-world", "shapes-clip"):
-        from tdpo.world import CLIP_DIR, PIPELINE_DIR
-
-        return str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
-    return spec
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1
-
-
-def check_pipeline_path(spec: str, field: str = "model.pretrained") -> None:
-    """Fail early (before any load) on a local path that is not a saved diffusers pipeline."""
-    spec = resolve_alias(spec)
-    if not _looks_like_path(spec):
-        return
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UsageError(field, spec, "no such folder; give a Hub id or a pipeline folder")
-    if not (path / "model_index.json").is_file():
-        raise UsageError(
-            field,
-            spec,
-            "not a diffusers pipeline folder (no model_index.json); "
-            "save one with pipe.save_pretrained(DIR)",
-        )
-
-
 def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline.from_pretrained`` on a Hub id or folder, with a DDIM scheduler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -104,7 +74,7 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     check_pipeline_path(spec)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(Path(spec).expanduser()) if _looks_like_path(spec) else spec,
+            str(Path(spec).expanduser()) if looks_like_path(spec) else spec,
             revision=revision,
             torch_dtype=dtype,
             safety_checker=None,
