@@ -127,3 +127,44 @@ def test_too_many_nonfinite_rewards_stop_the_run(tiny_pipeline_dir, tiny_clip_di
     )
     with pytest.raises(NonFiniteRewards, match="4 of 8"):
         tr.epoch_step(0)
+
+
+def test_overoptimization_monitor_keeps_the_best_lora_and_stops_early(
+    tiny_pipeline_dir, tiny_clip_dir, tmp_path
+):
+    from tdpo.tracking import read_metrics
+
+    run = tmp_path / "run"
+    tr = _trainer(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        run,
+        **{
+            "eval.every": 1,
+            "eval.prompt_sets": [f"seen={SEEN}"],
+            "eval.prompts_per_set": 2,
+            "eval.seeds_per_prompt": 1,
+            "eval.monitor": "eval/seen/jpeg_compressibility",
+            "eval.patience": 1,
+            "train.epochs": 6,
+        },
+    )
+    assert tr.train() == 0
+    rows = [r for r in read_metrics(run) if "eval/seen/jpeg_compressibility" in r]
+    values = [r["eval/seen/jpeg_compressibility"] for r in rows]
+    best_epoch, best_value = (run / "best" / "epoch.txt").read_text().split()
+    assert float(best_value) == pytest.approx(max(values))
+    assert int(best_epoch) == rows[values.index(max(values))]["epoch"]
+    assert (run / "best" / "pytorch_lora_weights.safetensors").is_file()
+    # patience 1: training stops at the first evaluation that does not improve the best value
+    improving = all(b > a for a, b in zip(values, values[1:]))
+    assert improving or len(rows) < 7
+
+
+def test_monitor_must_name_an_eval_metric(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    from tdpo.errors import UsageError
+
+    with pytest.raises(UsageError, match="eval.monitor"):
+        _trainer(
+            tiny_pipeline_dir, tiny_clip_dir, tmp_path / "run", **{"eval.monitor": "reward_mean"}
+        )
