@@ -132,8 +132,6 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     """Save a random SD 1.5-architecture pipeline and a ViT-L/14 CLIP vision tower."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import (
@@ -144,7 +142,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
         CLIPVisionModelWithProjection,
     )
 
-    from tdpo.tiny import TINY_WORDS, write_word_tokenizer
+    from tdpo.tiny import TINY_WORDS, assemble_pipeline, write_word_tokenizer
 
     unet_cfg, vae_cfg, text_cfg, vision_cfg = (
         (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VISION)
@@ -168,24 +166,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
             )
         )
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe.to(dtype=save_dtype)
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
     vision.to(dtype=save_dtype).save_pretrained(clip_dir, safe_serialization=True)

@@ -76,12 +76,35 @@ def write_word_tokenizer(directory: Path, words: list[str], max_length: int = 16
     return tokenizer
 
 
+def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+    """A ``StableDiffusionPipeline`` of these components with Stable Diffusion 1.x's DDIM
+    schedule and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_dim: int = 32):
     """Save a tiny random ``StableDiffusionPipeline`` (about 0.5 M parameters) to ``directory``."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -124,24 +147,7 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_di
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe.save_pretrained(directory, safe_serialization=True)
     tok_dir = Path(directory) / "_tok"
     if tok_dir.exists():
