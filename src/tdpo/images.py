@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from tdpo.fileio import atomic_write
 
 MIN_CELL_WIDTH = 128  # small images are upscaled (NEAREST) to at least this width
 _PAD = 6
@@ -115,17 +115,4 @@ def save_grid(
         for j, line in enumerate(wrapped[i]):
             draw.text((x, y + cell_h + _PAD // 2 + j * line_h), line, fill=_TEXT, font=font)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            grid.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(path), lambda f: grid.save(f, format="PNG"), binary=True)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tdpo.errors import UsageError
+from tdpo.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 _WANDB_ID_FILE = ".wandb_run_id"
@@ -184,15 +184,9 @@ def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("epoch") is None or r["epoch"] <= last_epoch]
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        for record in kept:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+
+    atomic_write(path, write)

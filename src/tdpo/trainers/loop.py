@@ -47,6 +47,7 @@ from tdpo.config import (
 )
 from tdpo.errors import TrainingError, UsageError
 from tdpo.evaluation import evaluate_policy, parse_prompt_sets
+from tdpo.fileio import atomic_write
 from tdpo.images import save_grid
 from tdpo.policy import (
     DiffusionPolicy,
@@ -630,9 +631,9 @@ class Trainer:
     def write_config(self) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / "config.yaml.tmp"
-            tmp.write_text(config_to_yaml(self.config))
-            tmp.replace(self.run_dir / "config.yaml")
+            atomic_write(
+                self.run_dir / "config.yaml", lambda f: f.write(config_to_yaml(self.config))
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Held-out evaluation on the main process; updates the over-optimization monitor."""
