@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -444,7 +445,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if code in (130, 143):
+        # Stopped by a signal and the checkpoint is safe: a further Ctrl-C during interpreter
+        # shutdown exits at once instead of printing a traceback from an exit hook.
+        signal.signal(signal.SIGINT, lambda *_: _exit_now(code))
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    os.write(sys.stderr.fileno(), b"tdpo: interrupted\n")
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def _slow(path):
     time.sleep(0.6)
     _fsync(path)
 c._fsync_file = _slow
-from tdpo.cli import main
-sys.exit(main(sys.argv[1:]))
+from tdpo.cli import console_main
+console_main()
 """
 
 
