@@ -305,18 +305,18 @@ SETUP_PRESETS: dict[str, dict[str, Any]] = {
     "sd14-aesthetic": {
         **_SD14,
         "reward.name": "aesthetic",
-        "reward.panel": ["pickscore", "hpsv2"],
+        "reward.panel": ["imagereward", "pickscore", "hpsv2"],
     },
     "sd14-pickscore": {
         **_SD14,
         "reward.name": "pickscore",
-        "reward.panel": ["hpsv2", "aesthetic"],
+        "reward.panel": ["hpsv2", "imagereward", "aesthetic"],
         "critic.backbone": "pickscore",
     },
     "sd14-hpsv2": {
         **_SD14,
         "reward.name": "hpsv2",
-        "reward.panel": ["pickscore", "aesthetic"],
+        "reward.panel": ["pickscore", "imagereward", "aesthetic"],
         "critic.backbone": "hpsv2",
         "prompts.train": "hpsv2_photo",
         "eval.prompt_sets": ["seen=hpsv2_photo"],

@@ -253,8 +253,58 @@ def test_hpsv2_conversion_matches_open_clip(tmp_path, monkeypatch):
     torch.testing.assert_close(embedder(images), scorer.image_features(scorer.pixels(images)))
 
 
-def test_imagereward_without_its_package_is_a_clear_usage_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ImageReward", None)
-    with pytest.raises(UsageError, match="image-reward") as info:
-        hub.imagereward()
+BLIP_TINY = dict(image_size=32, patch=8, vision_width=128, vision_depth=2, vision_heads=2,
+                 vocab=14, hidden=128, text_heads=2, text_layers=2, max_positions=40)
+
+
+@pytest.fixture(scope="module")
+def imagereward_files(tmp_path_factory):
+    """A tiny ImageReward.pt with the original names (random weights) and a BERT tokenizer."""
+    from transformers import BertTokenizer
+
+    from tests.imagereward_reference import ImageReward
+
+    folder = tmp_path_factory.mktemp("imagereward")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "photo", "of", "dog", "on",
+             "beach"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder / "tokenizer")
+    torch.manual_seed(4)
+    reference = ImageReward(**BLIP_TINY).eval()
+    torch.save(reference.state_dict(), folder / "ImageReward.pt")
+    return folder, reference
+
+
+def test_imagereward_conversion_matches_its_own_forward(imagereward_files):
+    folder, reference = imagereward_files
+    reward = hub.imagereward(checkpoint=str(folder / "ImageReward.pt"), tokenizer=str(folder / "tokenizer"))
+    images = _smooth_images(2, 40, 59, seed=5)  # resized to 32x47: a centre crop at offset 7.5
+    # Preprocessing: our torch path vs ImageReward's PIL transform (written out independently).
+    pixels = _torchvision_eval_transform(images, 32)
+    pixel_diff = (reward.pixels(images) - pixels).abs() * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    assert pixel_diff.max().item() < PIXEL_ATOL
+    # Model: the converted transformers BLIP equals ImageReward's forward on the same inputs.
+    tokens = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35,
+                              return_tensors="pt")
+    assert tokens["attention_mask"][0].sum() < tokens["attention_mask"][1].sum()  # padding is masked
+    with torch.no_grad():
+        expected = reference(pixels, tokens["input_ids"], tokens["attention_mask"])
+        ours = reward.model(pixels, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert (expected[0] - expected[1]).abs() > 1e-3  # the two prompts/images score differently
+    # The reward (torch preprocessing) against the reference score, and its differentiable path.
+    scores = _check_reward(reward, images, score_atol=2e-3)
+    torch.testing.assert_close(scores, expected, atol=2e-3, rtol=0)
+
+
+def test_imagereward_rejects_a_foreign_checkpoint(imagereward_files, tmp_path):
+    folder, _ = imagereward_files
+    torch.save({"layers.0.weight": torch.zeros(4, 16)}, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="not an ImageReward checkpoint") as info:
+        hub.imagereward(checkpoint=str(tmp_path / "bad.pt"), tokenizer=str(folder / "tokenizer"))
     assert "\n" not in str(info.value)
+    state = torch.load(folder / "ImageReward.pt")
+    del state["mlp.layers.7.bias"]
+    torch.save(state, tmp_path / "truncated.pt")
+    with pytest.raises(UsageError, match="1 missing"):
+        hub.imagereward(checkpoint=str(tmp_path / "truncated.pt"), tokenizer=str(folder / "tokenizer"))

@@ -26,11 +26,10 @@ from torch import nn
 
 from tdpo.errors import UsageError
 from tdpo.rewards import register_reward
+from tdpo.rewards.imagereward_hf import MLPHead
 from tdpo.rewards.sources import resolve, resolve_file
 
 FIELD = "reward.name"
-IMAGEREWARD_MEAN = 0.16717362830052426
-IMAGEREWARD_STD = 1.0333394966054072
 
 
 def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -244,18 +243,7 @@ def hpsv2(device=None, dtype=None, checkpoint: str | None = None, tokenizer: str
 # ----------------------------------------------------------------------------- aesthetic
 
 
-class AestheticMLP(nn.Module):
-    """The LAION improved aesthetic predictor head (no nonlinearity, as published)."""
-
-    def __init__(self, input_size: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.layers(embeddings)
+AestheticMLP = MLPHead  # the LAION improved aesthetic predictor head (no nonlinearity, as published)
 
 
 def load_aesthetic_mlp(path: str, device, field: str = FIELD) -> AestheticMLP:
@@ -310,51 +298,52 @@ def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None 
 
 
 @register_reward("imagereward")
-def imagereward(device=None, dtype=None, checkpoint: str | None = None):
-    """ImageReward-v1.0 through the ``image-reward`` package (``import ImageReward``), when it is
-    importable; standardized with its published mean/std (about -2..2)."""
+def imagereward(device=None, dtype=None, checkpoint: str | None = None,
+                tokenizer: str | None = None):
+    """ImageReward-v1.0 (BLIP ViT-L + BERT with cross-attention + MLP) run as transformers BLIP
+    modules, standardized with its published mean/std (mostly -2..2)."""
+    from tdpo.rewards.imagereward_hf import load_imagereward_model
+
     device, dtype = _device_dtype(device, dtype)
-    try:
-        import ImageReward as image_reward_package
-    except Exception as exc:  # noqa: BLE001 - ImportError, or its own broken imports
-        raise UsageError(FIELD, "imagereward", "needs the `image-reward` package, which is not "
-                         f"importable here ({type(exc).__name__}); it pins timm==0.6.13 and "
-                         "imports helpers removed in transformers 5: install it in an environment "
-                         "with transformers<5, see docs/rewards.md") from None
-    name = resolve("imagereward_checkpoint", checkpoint)
-    if name.startswith("hub:"):
-        name = "ImageReward-v1.0"
-    model = image_reward_package.load(name, device=device).to(dtype).eval().requires_grad_(False)
-    return ImageRewardReward(model)
+    path = resolve_file("imagereward_checkpoint", checkpoint, FIELD)
+    model = load_imagereward_model(path, device, dtype, FIELD)
+    return ImageRewardReward(model, _load_tokenizer(resolve("imagereward_tokenizer", tokenizer), FIELD))
 
 
 class ImageRewardReward(HubReward):
-    """Wraps an ``ImageReward.ImageReward`` model with a torch preprocessing (torchvision's
-    Resize(224, bicubic) + CenterCrop(224), OpenAI CLIP mean/std, as in ImageReward)."""
+    """ImageReward's score with a torch preprocessing equal to its own PIL/torchvision one
+    (``Resize(224, bicubic)``, ``CenterCrop(224)`` with rounded offsets, OpenAI mean/std)."""
 
     name = "imagereward"
 
-    def __init__(self, model):
+    def __init__(self, model, tokenizer):
         super().__init__()
         from tdpo.backbones import PreprocessConfig
 
-        self.model = model
-        self.preprocess_config = PreprocessConfig(resize=("shortest_edge", 224), crop=(224, 224),
+        self.model, self.tokenizer = model, tokenizer
+        size = model.image_size
+        self.preprocess_config = PreprocessConfig(resize=("shortest_edge", size), crop=(size, size),
                                                   crop_rounding="round")
 
-    def score(self, images, prompts):
-        from tdpo.backbones import preprocess_images
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from tdpo.rewards.imagereward_hf import MAX_PROMPT_TOKENS
 
         device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        pixels = preprocess_images(images.to(device), self.preprocess_config).to(dtype)
-        blip = self.model.blip
-        image_embeds = blip.visual_encoder(pixels)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-        text = blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                              return_tensors="pt").to(device)
-        out = blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                encoder_hidden_states=image_embeds,
-                                encoder_attention_mask=image_atts, return_dict=True)
-        rewards = self.model.mlp.layers(out.last_hidden_state[:, 0, :]).squeeze(-1).float()
-        return (rewards - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+        text = self.tokenizer(prompts, padding="max_length", truncation=True,
+                              max_length=MAX_PROMPT_TOKENS, return_tensors="pt")
+        return self.model(pixels.to(device), text["input_ids"].to(device),
+                          text["attention_mask"].to(device))
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        from tdpo.backbones import preprocess_images
+
+        return preprocess_images(images, self.preprocess_config)
+
+    def score(self, images, prompts):
+        return self._score_pixels(self.pixels(images), prompts)
+
+    @torch.no_grad()
+    def reference(self, images, prompts):
+        from tdpo.rewards.imagereward_hf import imagereward_pil_transform
+
+        return self._score_pixels(imagereward_pil_transform(images, self.model.image_size), prompts)
