@@ -335,8 +335,8 @@ def floor_fn(trainer) -> Callable[[], Any]:
     prompts = (trainer.prompts * cfg.sample.batch_size)[: cfg.sample.batch_size]
     policy.scheduler.set_timesteps(T, device=device)
     timesteps = policy.scheduler.timesteps.clone()
-    embeds = policy.encode_prompts(prompts)
-    negative = policy.negative_embeds(len(prompts))
+    embeds, _ = policy.encode_prompts(prompts)
+    negative, _ = policy.negative_embeds(len(prompts))
     use_cfg = policy.use_cfg
     s_ctx = torch.cat([negative, embeds]) if use_cfg else embeds
     mb = cfg.train.batch_size
@@ -425,8 +425,8 @@ def bench_hotpath(trainer, repeats: int, log) -> dict[str, Any]:
     prompts = (trainer.prompts * batch)[:batch]
     policy.scheduler.set_timesteps(T, device=device)
     t = policy.scheduler.timesteps[T // 2]
-    embeds = policy.encode_prompts(prompts)
-    negative = policy.negative_embeds(batch)
+    embeds, _ = policy.encode_prompts(prompts)
+    negative, _ = policy.negative_embeds(batch)
     x = torch.randn(batch, *shape, device=device)
     eps = torch.randn_like(x)
     nxt = torch.randn_like(x)
@@ -635,6 +635,8 @@ def run_bench(args: argparse.Namespace) -> int:
             m: make(m, s["samples"], s["steps"], s["batch"], s["train_batch"])
             for m in ("ddpo100", "tdpo_image", "tdpo_latent")
         }
+        if trainers["ddpo100"].policy.is_sdxl:
+            raise UsageError("--model", label, "is an SDXL pipeline; tdpo bench measures SD 1.x/2.x")
         log("sampling: DiffusionPolicy.sample vs StableDiffusionPipeline.__call__")
         results["sampling"] = bench_sampling(trainers["ddpo100"], s["repeats"], memory, log)
         log("hot path: costs inside the sampling loop, per guided UNet pass")

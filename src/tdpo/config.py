@@ -32,7 +32,7 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     pretrained: str = _f(
         "shapes-world",
-        "Stable Diffusion 1.x/2.x pipeline: a Hub id or a folder saved with save_pretrained "
+        "Stable Diffusion 1.x/2.x or SDXL pipeline: a Hub id or a folder saved with save_pretrained "
         "(shapes-world = the embedded shapes world).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pipeline.")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 # Parameter counts (millions) of common Hub pipelines: UNet, VAE, text encoder(s).
 KNOWN_PIPELINES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": (2567.5, 83.7, 817.7),
     "CompVis/stable-diffusion-v1-4": (859.5, 83.7, 123.1),
     "runwayml/stable-diffusion-v1-5": (859.5, 83.7, 123.1),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": (859.5, 83.7, 123.1),
@@ -32,6 +33,7 @@ KNOWN_BACKBONES = {
     "hpsv2": 632.1,
 }
 SD_LATENT = (4, 64, 64)  # latents of 512x512 images
+KNOWN_LATENTS = {"stabilityai/stable-diffusion-xl-base-1.0": (4, 128, 128)}  # 1024x1024 images
 
 
 def safetensors_numel(folder: Path) -> int:
@@ -74,14 +76,16 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     """Lines describing the resident memory of a run (weights, optimizer, stored epoch)."""
     lines = []
     weight_bytes = 2 if on_gpu and config.mixed_precision != "fp32" else 4
-    pipe = _millions(config.model.pretrained, KNOWN_PIPELINES, ("unet", "vae", "text_encoder"))
+    subfolders = ("unet", "vae", "text_encoder", "text_encoder_2")
+    pipe = _millions(config.model.pretrained, KNOWN_PIPELINES, subfolders)
     if pipe is None:
         lines.append(
             f"# memory: unknown parameter count for {config.model.pretrained!r} "
             "(not a local folder nor a known Hub id)"
         )
         return lines
-    unet_m, vae_m, text_m = pipe
+    unet_m, vae_m, *text = pipe
+    text_m = sum(text)
     frozen_m = unet_m + vae_m + text_m
     if config.model.finetune == "lora":
         # LoRA on attention projections: about 0.8 M parameters per rank-4 on SD 1.x.
@@ -96,7 +100,7 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     mib = 1024**2
     weights = (frozen_m + backbone_m) * 1e6 * weight_bytes / mib
     trainable = (trainable_m + head_m) * 1e6 * 4 * 3 / mib  # weights + 2 AdamW moments, fp32
-    latent = SD_LATENT if unet_m > 100 else (4, 8, 8)
+    latent = _latent_shape(config.model.pretrained, unet_m)
     latents = samples_per_process * (config.sample.num_steps + 1)
     for d in latent:
         latents *= d
@@ -116,3 +120,17 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
         f"total ~{total / 1024:.2f} GiB"
     )
     return lines
+
+
+def _latent_shape(spec: str, unet_m: float) -> tuple[int, int, int]:
+    """The UNet's latent shape: from a local folder's unet/config.json, else known Hub ids, else
+    Stable Diffusion 1.x's 4x64x64."""
+    from tdpo.paths import resolve_alias
+
+    config_path = Path(resolve_alias(spec)).expanduser() / "unet" / "config.json"
+    if config_path.is_file():
+        unet = json.loads(config_path.read_text())
+        size = unet.get("sample_size", 64)
+        size = size[0] if isinstance(size, list) else size
+        return (int(unet.get("in_channels", 4)), int(size), int(size))
+    return KNOWN_LATENTS.get(spec, SD_LATENT if unet_m > 100 else (4, 8, 8))

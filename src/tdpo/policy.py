@@ -4,6 +4,10 @@
 is a Gaussian policy step, and returns a :class:`Trajectory`. ``step_log_prob`` re-evaluates one
 step's log-probability under the current weights for training. We own the sampling loop rather
 than subclassing the pipeline (its ``__call__`` hides the latents and log-probs).
+
+Stable Diffusion 1.x/2.x (one CLIP text encoder) and SDXL (two text encoders; the UNet also takes
+the pooled text embedding and the size/crop "time ids" as added conditions) are supported; the
+added conditions ride along in :class:`Trajectory` as ``pooled_embeds`` / ``negative_pooled``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class Trajectory:
     images: torch.Tensor  # [B, 3, H, W] in [0, 1], decoded x_0
     prompts: list[str]
     ref_log_probs: torch.Tensor | None = None  # [B, T] under the frozen base model (KL penalty)
+    pooled_embeds: torch.Tensor | None = None  # [B, P] SDXL's pooled text embedding (else None)
+    negative_pooled: torch.Tensor | None = None  # [B, P] its unconditional counterpart (CFG)
 
     @property
     def num_steps(self) -> int:
@@ -66,32 +72,51 @@ class Trajectory:
         return Trajectory(**out)
 
 
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _load_error(spec: str, exc: Exception) -> UsageError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UsageError(
+        "model.pretrained", spec, f"cannot load a Stable Diffusion pipeline ({first[:200]})"
+    )
+
+
 def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """``StableDiffusionPipeline.from_pretrained`` on a Hub id or folder, with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """``from_pretrained`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (Hub id or folder),
+    with a DDIM scheduler. The class comes from the pipeline's ``model_index.json``."""
+    import diffusers
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     spec = resolve_alias(spec)
     check_pipeline_path(spec)
+    location = str(Path(spec).expanduser()) if looks_like_path(spec) else spec
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(Path(spec).expanduser()) if looks_like_path(spec) else spec,
-            revision=revision,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
+        class_name = DiffusionPipeline.load_config(location, revision=revision).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from None
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UsageError(
+            "model.pretrained",
+            spec,
+            f"is a {class_name}; tdpo fine-tunes {' and '.join(SUPPORTED_PIPELINES)} pipelines",
+        )
+    extra = {}
+    if class_name == "StableDiffusionPipeline":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(
+            location, revision=revision, torch_dtype=dtype, **extra
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            "model.pretrained", spec, f"cannot load a Stable Diffusion pipeline ({first[:200]})"
-        ) from None
+        raise _load_error(spec, exc) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 class DiffusionPolicy(nn.Module):
-    """Frozen VAE and text encoder, a UNet with trainable LoRA (or fully trainable), DDIM."""
+    """Frozen VAE and text encoder(s), a UNet with trainable LoRA (or fully trainable), DDIM."""
 
     def __init__(self, pipe, model_cfg: ModelConfig, sample_cfg: SampleConfig):
         super().__init__()
@@ -100,13 +125,25 @@ class DiffusionPolicy(nn.Module):
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
         self.tokenizer = pipe.tokenizer
+        # SDXL: a second text encoder (with projection) and added conditions for the UNet.
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.scheduler = pipe.scheduler
         self.model_cfg = model_cfg
         self.sample_cfg = sample_cfg
+        if self.text_encoder is None:
+            raise UsageError(
+                "model.pretrained",
+                model_cfg.pretrained,
+                "has no first text encoder (an SDXL refiner?); give a base pipeline",
+            )
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
         self.vae.eval()
-        self.text_encoder.eval()
+        for encoder in self.text_encoders:
+            encoder.requires_grad_(False).eval()
+        if getattr(self.vae.config, "force_upcast", False) and self.vae.dtype == torch.float16:
+            self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as the pipeline knows
+        self.add_time_ids = self._add_time_ids() if self.is_sdxl else None
         self.reference_unet: nn.Module | None = None
         if model_cfg.finetune == "lora":
             from peft import LoraConfig
@@ -156,6 +193,31 @@ class DiffusionPolicy(nn.Module):
     def use_cfg(self) -> bool:
         return self.sample_cfg.guidance_scale > 1.0
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    def _add_time_ids(self) -> torch.Tensor:
+        """SDXL's micro-conditioning for unconditioned crops at the native size:
+        (original h, w, crop top, left, target h, w), as the pipeline's defaults."""
+        size = self.image_size
+        ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)
+        config = self.unet.config
+        expected = self.unet.add_embedding.linear_1.in_features
+        got = config.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
+        if got != expected:
+            raise UsageError(
+                "model.pretrained",
+                self.model_cfg.pretrained,
+                f"SDXL UNet expects {expected} added-condition features, the text encoder and "
+                f"time ids give {got}; an SDXL refiner or an inconsistent pipeline?",
+            )
+        return ids
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
@@ -180,21 +242,48 @@ class DiffusionPolicy(nn.Module):
     # -- prompts ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(tokens)[0]
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning: ``(prompt_embeds [B, L, D], pooled [B, P] or None)``.
 
-    def negative_embeds(self, batch: int) -> torch.Tensor:
+        SD 1.x/2.x: the text encoder's last hidden state. SDXL (as its pipeline's
+        ``encode_prompt``): both encoders' penultimate hidden states concatenated, and the
+        second encoder's projected pooled output."""
+
+        def tokens(tokenizer):
+            return tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+
+        if not self.is_sdxl:
+            return self.text_encoder(tokens(self.tokenizer))[0], None
+        hidden, pooled = [], None
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            out = encoder(tokens(tokenizer), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]  # CLIPTextModelWithProjection's text_embeds
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def negative_embeds(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unconditional (empty prompt) conditioning for CFG, ``batch`` times. SDXL with
+        ``force_zeros_for_empty_prompt`` (its default) uses zeros, as its pipeline does."""
         key = (self.device, self.text_encoder.dtype)
         if key not in self._neg_cache:
-            self._neg_cache[key] = self.encode_prompts([""])
-        return self._neg_cache[key].expand(batch, -1, -1)
+            embeds, pooled = self.encode_prompts([""])
+            if self.is_sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+                embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            self._neg_cache[key] = (embeds, pooled)
+        embeds, pooled = self._neg_cache[key]
+        if pooled is not None:
+            pooled = pooled.expand(batch, -1)
+        return embeds.expand(batch, -1, -1), pooled
 
     # -- denoiser -----------------------------------------------------------------------------
 
@@ -206,20 +295,37 @@ class DiffusionPolicy(nn.Module):
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         guidance_scale: float,
+        pooled: torch.Tensor | None = None,
+        negative_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The UNet's output, with classifier-free guidance when ``negative_embeds`` is given."""
+        """The UNet's output, with classifier-free guidance when ``negative_embeds`` is given.
+        ``pooled`` / ``negative_pooled``: SDXL's pooled text embeddings (None otherwise)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
         dtype = _unwrap(unet).dtype
         if negative_embeds is None:
-            return unet(latents.to(dtype), timesteps, prompt_embeds.to(dtype)).sample.float()
+            added = self._added_conditions(pooled, dtype)
+            return unet(
+                latents.to(dtype), timesteps, prompt_embeds.to(dtype), added_cond_kwargs=added
+            ).sample.float()
+        both_pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
         both = unet(
             torch.cat([latents, latents]).to(dtype),
             torch.cat([timesteps, timesteps]),
             torch.cat([negative_embeds, prompt_embeds]).to(dtype),
+            added_cond_kwargs=self._added_conditions(both_pooled, dtype),
         ).sample.float()
         uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
+
+    def _added_conditions(self, pooled: torch.Tensor | None, dtype) -> dict | None:
+        """SDXL's ``added_cond_kwargs``: pooled text embedding and time ids (None for SD 1/2)."""
+        if not self.is_sdxl:
+            return None
+        if pooled is None:
+            raise ValueError("an SDXL policy needs the pooled text embeddings")
+        time_ids = self.add_time_ids.to(pooled.device, dtype).expand(pooled.shape[0], -1)
+        return {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (differentiable; wrap in no_grad where nothing trains)."""
@@ -247,15 +353,14 @@ class DiffusionPolicy(nn.Module):
         batch = len(prompts)
         self.scheduler.set_timesteps(cfg.num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        prompt_embeds = self.encode_prompts(prompts)
-        negative = self.negative_embeds(batch) if self.use_cfg else None
+        prompt_embeds, pooled = self.encode_prompts(prompts)
+        negative, negative_pooled = self.negative_embeds(batch) if self.use_cfg else (None, None)
+        conditions = (prompt_embeds, negative, cfg.guidance_scale, pooled, negative_pooled)
         noise = noise.to(self.device, torch.float32)
         latents = noise[:, 0] * self.scheduler.init_noise_sigma
         all_latents, log_probs, ref_log_probs = [latents], [], []
         for k, t in enumerate(timesteps):
-            noise_pred = self.predict_noise(
-                unet, latents, t, prompt_embeds, negative, cfg.guidance_scale
-            )
+            noise_pred = self.predict_noise(unet, latents, t, *conditions)
             # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
             mean_std = ddim_step_logprob(
                 self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=latents
@@ -264,9 +369,7 @@ class DiffusionPolicy(nn.Module):
             log_prob = gaussian_log_prob(next_latents, mean_std.mean, mean_std.std)
             if with_reference:
                 with self.reference_mode(unet) as ref_unet:
-                    ref_pred = self.predict_noise(
-                        ref_unet, latents, t, prompt_embeds, negative, cfg.guidance_scale
-                    )
+                    ref_pred = self.predict_noise(ref_unet, latents, t, *conditions)
                 ref = ddim_step_logprob(
                     self.scheduler, ref_pred, t, latents, cfg.eta, prev_sample=next_latents
                 )
@@ -286,6 +389,8 @@ class DiffusionPolicy(nn.Module):
             images=images,
             prompts=list(prompts),
             ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
+            pooled_embeds=pooled,
+            negative_pooled=negative_pooled.clone() if negative_pooled is not None else None,
         )
 
     def step_log_prob(
@@ -296,12 +401,21 @@ class DiffusionPolicy(nn.Module):
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
+        pooled: torch.Tensor | None = None,
+        negative_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log pi_theta(next | latents) under the current weights, for per-sample timesteps [B].
 
         Pass ``negative_embeds=None`` to re-evaluate without classifier-free guidance."""
         noise_pred = self.predict_noise(
-            unet, latents, timesteps, prompt_embeds, negative_embeds, self.sample_cfg.guidance_scale
+            unet,
+            latents,
+            timesteps,
+            prompt_embeds,
+            negative_embeds,
+            self.sample_cfg.guidance_scale,
+            pooled,
+            negative_pooled,
         )
         return ddim_step_logprob(
             self.scheduler,
@@ -322,12 +436,10 @@ class DiffusionPolicy(nn.Module):
 
     def save_final(self, directory: Path) -> None:
         """LoRA in diffusers format (``pipe.load_lora_weights(directory)``), or the full UNet."""
-        from diffusers import StableDiffusionPipeline
-
         directory.mkdir(parents=True, exist_ok=True)
         unet = _unwrap(self.unet)
         if self.model_cfg.finetune == "lora":
-            StableDiffusionPipeline.save_lora_weights(
+            type(self.pipe).save_lora_weights(
                 directory,
                 unet_lora_layers={
                     k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()

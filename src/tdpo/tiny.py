@@ -1,8 +1,10 @@
 """Tiny, randomly initialized models built from configs (no download): for tests and smoke runs.
 
 ``build_tiny_pipeline(DIR)`` writes a genuine ``StableDiffusionPipeline`` folder (16x16 images,
-8x8x4 latents) that ``from_pretrained(DIR)`` loads like any Hub model; ``build_tiny_clip(DIR)``
-writes a tiny CLIP (vision tower + image processor) usable as the critic's backbone.
+8x8x4 latents) that ``from_pretrained(DIR)`` loads like any Hub model; ``build_tiny_sdxl_pipeline``
+the same for ``StableDiffusionXLPipeline`` (two text encoders, added conditions);
+``build_tiny_clip(DIR)`` writes a tiny CLIP (vision tower + image processor) usable as the
+critic's backbone.
 """
 
 from __future__ import annotations
@@ -101,16 +103,10 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
     )
 
 
-def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_dim: int = 32):
-    """Save a tiny random ``StableDiffusionPipeline`` (about 0.5 M parameters) to ``directory``."""
-    from diffusers import (
-        AutoencoderKL,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_unet(cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -121,8 +117,14 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_di
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **extra,
     )
-    vae = AutoencoderKL(
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -133,26 +135,81 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_di
         norm_num_groups=8,
         sample_size=16,
     )
-    tokenizer = write_word_tokenizer(Path(directory) / "_tok", TINY_WORDS)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+
+
+def _tiny_text_config(tokenizer, hidden_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+
+
+def _save(pipe, directory: str | Path):
     pipe.save_pretrained(directory, safe_serialization=True)
     tok_dir = Path(directory) / "_tok"
     if tok_dir.exists():
         tok_dir.rmdir()
     return pipe
+
+
+def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_dim: int = 32):
+    """Save a tiny random ``StableDiffusionPipeline`` (about 0.5 M parameters) to ``directory``."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(cross_attention_dim)
+    vae = _tiny_vae()
+    tokenizer = write_word_tokenizer(Path(directory) / "_tok", TINY_WORDS)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, cross_attention_dim))
+    return _save(assemble_pipeline(unet, vae, text_encoder, tokenizer), directory)
+
+
+def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
+    """Save a tiny random ``StableDiffusionXLPipeline`` to ``directory``: SDXL's structure at toy
+    size (two text encoders whose penultimate states are concatenated, 16 + 16 = 32 wide; the
+    UNet's ``text_time`` added conditions from the pooled projection and six time ids)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    width, projection, time_dim = 16, 16, 8
+    unet = _tiny_unet(
+        2 * width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    tokenizer = write_word_tokenizer(Path(directory) / "_tok", TINY_WORDS)
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config(tokenizer, width)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer, width, projection_dim=projection)
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        add_watermarker=False,
+    )
+    return _save(pipe, directory)
 
 
 def build_tiny_clip(directory: str | Path, image_size: int = 16, seed: int = 0) -> Path:

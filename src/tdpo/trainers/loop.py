@@ -464,6 +464,8 @@ class Trainer:
             traj.prompt_embeds,
             traj.negative_embeds,
             advantages=returns,
+            pooled_embeds=traj.pooled_embeds,
+            negative_pooled=traj.negative_pooled,
         )
 
         # -- temporal critic: V_old for every state, A_k = G_k - V_old(k), normalized globally -

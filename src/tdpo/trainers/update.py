@@ -29,6 +29,8 @@ class EpochBatch:
     returns: torch.Tensor | None = None  # [N, T] G_k (critic target; tdpo)
     old_values: torch.Tensor | None = None  # [N, T] V_old(k) (tdpo)
     state_embeddings: torch.Tensor | None = None  # [N, T, d] (tdpo)
+    pooled_embeds: torch.Tensor | None = None  # [N, P] SDXL's pooled text embeddings
+    negative_pooled: torch.Tensor | None = None  # [N, P]
 
 
 def optimizer_step(
@@ -107,15 +109,16 @@ def run_updates(
                 sync.enter_context(accelerator.no_sync(critic))
         with sync, accelerator.autocast():
             t = batch.timesteps[rows, k]
+            guided = use_cfg and batch.negative_embeds is not None
             log_prob = policy.step_log_prob(
                 unet,
                 batch.latents[rows, k],
                 batch.latents[rows, k + 1],
                 t,
                 batch.prompt_embeds[rows],
-                batch.negative_embeds[rows]
-                if use_cfg and batch.negative_embeds is not None
-                else None,
+                batch.negative_embeds[rows] if guided else None,
+                _rows(batch.pooled_embeds, rows),
+                _rows(batch.negative_pooled, rows) if guided else None,
             )
             # L_pi = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi_theta / pi_old
             policy_loss, info = ppo_clip_loss(
@@ -155,3 +158,7 @@ def run_updates(
     values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist()))
+
+
+def _rows(tensor: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]

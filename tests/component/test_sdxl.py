@@ -1,0 +1,147 @@
+"""SDXL: a tiny ``StableDiffusionXLPipeline`` built from configs (two text encoders, pooled
+embeddings and time ids as added conditions) sampled, trained with TDPO-R and exported."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tdpo.config import build_config
+from tdpo.errors import UsageError
+from tdpo.policy import DiffusionPolicy, load_pipeline
+from tdpo.trainers.loop import Trainer, sample_noise
+from tests.conftest import tiny_overrides
+
+PROMPTS = ["a red cat", "a photo of a dog"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from tdpo.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sdxl") / "pipeline"
+    build_tiny_sdxl_pipeline(path)
+    return path
+
+
+def _noise(policy: DiffusionPolicy, batch: int, seed: int = 0) -> torch.Tensor:
+    c = policy.unet.config
+    shape = (policy.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
+    return sample_noise([seed + i for i in range(batch)], shape)
+
+
+def _pipe_images(pipe, noise, steps=4, guidance=3.0):
+    return pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=0.0,
+        latents=noise[:, 0],
+        output_type="pt",
+    ).images.float()
+
+
+def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
+    config = build_config(
+        overrides={
+            "model.pretrained": str(sdxl_dir),
+            "sample.num_steps": 4,
+            "sample.guidance_scale": 3.0,
+        }
+    )
+    policy = DiffusionPolicy.from_config(config.model, dataclasses.replace(config.sample, eta=0.0))
+    assert policy.is_sdxl and type(policy.pipe).__name__ == "StableDiffusionXLPipeline"
+    noise = _noise(policy, 2, seed=3)
+    traj = policy.sample(policy.unet, PROMPTS, noise)
+    assert traj.prompt_embeds.shape == (2, 16, 32)  # both encoders' states, concatenated
+    assert traj.pooled_embeds.shape == (2, 16) and traj.negative_pooled.abs().sum() == 0
+    # Deterministic DDIM from the same x_T: our loop equals StableDiffusionXLPipeline.__call__
+    # (same text encoding, zeroed negatives, time ids, guidance); LoRA is still zero here.
+    torch.testing.assert_close(
+        _pipe_images(load_pipeline(str(sdxl_dir)), noise), traj.images, atol=2e-4, rtol=0
+    )
+    # The added conditions matter: without the pooled embedding the prediction changes.
+    t = policy.scheduler.timesteps[0]
+    with torch.no_grad():
+        with_pooled = policy.predict_noise(
+            policy.unet, traj.latents[:, 0], t, traj.prompt_embeds, None, 1.0, traj.pooled_embeds
+        )
+        zero_pooled = policy.predict_noise(
+            policy.unet,
+            traj.latents[:, 0],
+            t,
+            traj.prompt_embeds,
+            None,
+            1.0,
+            torch.zeros_like(traj.pooled_embeds),
+        )
+    assert (with_pooled - zero_pooled).abs().max() > 1e-4
+
+
+def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
+    config = build_config(
+        overrides={
+            "model.pretrained": str(sdxl_dir),
+            "sample.num_steps": 3,
+            "sample.guidance_scale": 4.0,
+        }
+    )
+    policy = DiffusionPolicy.from_config(config.model, config.sample)
+    torch.manual_seed(0)
+    for p in policy.trainable_parameters():
+        p.data.normal_(0, 0.05)
+    traj = policy.sample(policy.unet, PROMPTS, _noise(policy, 2))
+    for k in range(3):
+        log_prob = policy.step_log_prob(
+            policy.unet,
+            traj.latents[:, k],
+            traj.latents[:, k + 1],
+            traj.timesteps[:, k],
+            traj.prompt_embeds,
+            traj.negative_embeds,
+            traj.pooled_embeds,
+            traj.negative_pooled,
+        )
+        torch.testing.assert_close(log_prob, traj.log_probs[:, k], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="pooled"):
+        policy.step_log_prob(
+            policy.unet,
+            traj.latents[:, 0],
+            traj.latents[:, 1],
+            traj.timesteps[:, 0],
+            traj.prompt_embeds,
+            None,
+        )
+
+
+def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, tiny_clip_dir, tmp_path):
+    overrides = tiny_overrides(
+        sdxl_dir, tiny_clip_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2}
+    )
+    trainer = Trainer(
+        build_config("tdpo-r", overrides=overrides), tmp_path / "run", log=lambda _: None
+    )
+    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    assert trainer.train() == 0
+    after = dict(trainer.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), "the LoRA did not train"
+    final = tmp_path / "run" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    policy = trainer.policy
+    policy.sample_cfg = dataclasses.replace(policy.sample_cfg, eta=0.0)
+    noise = _noise(policy, 2, seed=7)
+    ours = policy.sample(trainer.unet, PROMPTS, noise).images
+    pipe = load_pipeline(str(sdxl_dir))
+    base = _pipe_images(pipe, noise, guidance=policy.sample_cfg.guidance_scale)
+    pipe.load_lora_weights(final)
+    theirs = _pipe_images(pipe, noise, guidance=policy.sample_cfg.guidance_scale)
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
+    assert (base - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
+
+
+def test_other_pipeline_classes_are_a_usage_error(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(UsageError, match="is a KandinskyPipeline; tdpo fine-tunes"):
+        load_pipeline(str(tmp_path))
