@@ -12,6 +12,10 @@ folder, then in bf16 on CUDA times:
 4. the same with the latent critic;
 5. one DDPO-100 epoch.
 
+``--arch sdxl`` does the same at SDXL base 1.0 scale (UNet 2.6 B with ``text_time`` added
+conditions, CLIP ViT-L and OpenCLIP bigG text encoders, VAE; 4 images at 1024x1024), without
+the DDPO part.
+
 Every part is guarded: one failure still reports the others. Results: a table on stdout and
 JSON in ``$OUT/gpu_check.json`` (``./gpu_check.json`` when OUT is unset, or ``--out``).
 ``--tiny`` runs the same code at toy sizes (2 samples, 4 steps) on CPU, for the tests.
@@ -20,6 +24,7 @@ Run from the repository root (it puts ``src`` on ``sys.path``, no install needed
 
     python benchmarks/gpu_check.py            # GPU, SD 1.5 scale
     python benchmarks/gpu_check.py --tiny     # CPU or GPU, toy scale
+    python benchmarks/gpu_check.py --arch sdxl [--tiny]
 """
 
 from __future__ import annotations
@@ -96,6 +101,35 @@ VIT_L14_VISION = {
     "hidden_act": "quick_gelu",
 }
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs).
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT_2 = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
 # The same builders at toy sizes (--tiny): every code path of the full run, in seconds on CPU.
 TINY_UNET = dict(
     SD15_UNET,
@@ -116,6 +150,19 @@ TINY_VAE = dict(
 TINY_TEXT = dict(
     SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
+TINY_SDXL_UNET = dict(
+    SDXL_UNET,
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 32, 64),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    norm_num_groups=16,
+)
+TINY_SDXL_TEXT_2 = dict(TINY_TEXT, projection_dim=32, hidden_act="gelu")
 TINY_VISION = dict(
     VIT_L14_VISION,
     hidden_size=32,
@@ -128,8 +175,8 @@ TINY_VISION = dict(
 )
 
 
-def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
-    """Save a random SD 1.5-architecture pipeline and a ViT-L/14 CLIP vision tower."""
+def build_models(directory: Path, tiny: bool, device: str, sdxl: bool = False) -> tuple[Path, Path]:
+    """Save a random SD 1.5- (or SDXL-) architecture pipeline and a ViT-L/14 CLIP vision tower."""
     from diffusers import (
         AutoencoderKL,
         UNet2DConditionModel,
@@ -138,6 +185,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
         CLIPImageProcessor,
         CLIPTextConfig,
         CLIPTextModel,
+        CLIPTextModelWithProjection,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
@@ -149,6 +197,9 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
         if tiny
         else (SD15_UNET, SD15_VAE, SD15_TEXT, VIT_L14_VISION)
     )
+    if sdxl:
+        unet_cfg = TINY_SDXL_UNET if tiny else SDXL_UNET
+        vae_cfg = dict(vae_cfg, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(0)
     pipe_dir, clip_dir = directory / "sd15-random", directory / "clip-l14-random"
     # Initialize on the device (random init of 1.3 G parameters is slow on the CPU), save bf16.
@@ -166,7 +217,30 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
             )
         )
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg))
+        text_encoder_2 = None
+        if sdxl:
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **(TINY_SDXL_TEXT_2 if tiny else SDXL_TEXT_2),
+                )
+            )
     pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=pipe.scheduler,
+            add_watermarker=False,
+        )
     pipe.to(dtype=save_dtype)
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
     vision.to(dtype=save_dtype).save_pretrained(clip_dir, safe_serialization=True)
@@ -174,7 +248,7 @@ def build_models(directory: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     ).save_pretrained(clip_dir)
-    del pipe, unet, vae, text_encoder, vision
+    del pipe, unet, vae, text_encoder, text_encoder_2, vision
     return pipe_dir, clip_dir
 
 
@@ -244,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds in part 2")
     parser.add_argument("--train-batch", type=int, help="training minibatch (2; 1 with --tiny)")
     parser.add_argument("--embed-batch", type=int, default=16, help="critic decode batch (16)")
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="architecture")
     args = parser.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -259,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     mixed = "bf16" if cuda else "fp32"
+    sdxl = args.arch == "sdxl"
     if args.tiny:
-        samples, steps, size_note = 2, 4, "toy configs"
+        samples, steps, size_note = 2, 4, f"toy configs ({args.arch})"
+    elif sdxl:
+        samples, steps, size_note = 4, 50, "SDXL base architecture, random weights, 1024x1024"
     else:
         samples, steps, size_note = 8, 50, "SD 1.5 architecture, random weights, 512x512"
     guidance, eta = 5.0, 1.0
@@ -295,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     state: dict = {}
 
     def part_build():
-        seconds, (pipe_dir, clip_dir) = timed(lambda: build_models(tmp, args.tiny, device))
+        seconds, (pipe_dir, clip_dir) = timed(lambda: build_models(tmp, args.tiny, device, sdxl))
         state["pipe_dir"], state["clip_dir"] = pipe_dir, clip_dir
         return {"seconds": seconds}
 
@@ -415,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     state.pop("pipe", None)
     run_part(results, "3_tdpo_r_image_epoch", part_epoch("tdpo-r", "image"), deadline)
     run_part(results, "4_tdpo_r_latent_epoch", part_epoch("tdpo-r", "latent"), deadline)
-    run_part(results, "5_ddpo100_epoch", part_epoch("ddpo-100", None), deadline)
+    if not sdxl:
+        run_part(results, "5_ddpo100_epoch", part_epoch("ddpo-100", None), deadline)
     results["wall_s"] = time.monotonic() - start
     failed = any("error" in v for v in results.values() if isinstance(v, dict))
     return finish(results, out_path, 1 if failed else 0)
