@@ -186,7 +186,7 @@ class EvalConfig:
         "Held-out prompt sets, each `label=set_or_file` or a set name (label = the name); "
         "metrics are keyed eval/<label>/<reward>.",
     )
-    prompts_per_set: int = _f(16, "Prompts taken from the start of each set (0 = all).")
+    prompts_per_set: int = _f(16, "Prompts per set, spread evenly over it (0 = all).")
     seeds_per_prompt: int = _f(2, "Samples per prompt; their initial noise is fixed across epochs.")
     rewards: list[str] = _f([], "Rewards scored in evaluation (default: training reward + panel).")
     batch_size: int = _f(16, "Evaluation sampling batch size.")

@@ -19,16 +19,24 @@ from tdpo.prompts import load_prompts
 def parse_prompt_sets(
     specs: list[str], per_set: int = 0, field: str = "eval.prompt_sets"
 ) -> dict[str, list[str]]:
-    """``["seen=shapes", "unseen=shapes_unseen"]`` -> {label: prompts} (first ``per_set``)."""
+    """``["seen=shapes", "unseen=shapes_unseen"]`` -> {label: prompts}: ``per_set`` prompts
+    spread evenly over each set (a sorted set's first prompts would share attributes), or all."""
     out: dict[str, list[str]] = {}
     for spec in specs:
         label, _, source = spec.partition("=") if "=" in spec else (None, "", spec)
         source = source or spec
         prompts = load_prompts(source, field)
         out[label or source.rsplit("/", 1)[-1].removesuffix(".txt")] = (
-            prompts[:per_set] if per_set else prompts
+            spread(prompts, per_set) if per_set else prompts
         )
     return out
+
+
+def spread(items: list[str], count: int) -> list[str]:
+    """``count`` items at evenly spaced positions (first included), or all if fewer."""
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def eval_noise_seed(base_seed: int, label: str, prompt_index: int, seed_index: int) -> int:

@@ -93,3 +93,14 @@ def test_sampler_state_round_trip_is_json_able() -> None:
     assert resumed.sample(20) == expected
     with pytest.raises(ValueError, match="another prompt list"):
         PromptSampler(pool[:-1], seed=7).load_state_dict(state)
+
+
+def test_eval_prompt_subsets_spread_over_the_set():
+    from tdpo.evaluation import parse_prompt_sets, spread
+
+    assert spread(list("abcdefghij"), 3) == ["a", "d", "g"]
+    assert spread(list("abc"), 5) == ["a", "b", "c"]
+    seen = parse_prompt_sets(["seen=shapes"], 16)["seen"]
+    assert len(seen) == 16 and len(set(seen)) == 16
+    # The shapes set is sorted by shape: the first 16 are all circles, a spread subset is not.
+    assert {s.split()[3] for s in seen} == {"circle", "square", "triangle", "cross"}
