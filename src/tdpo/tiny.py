@@ -78,12 +78,11 @@ def write_word_tokenizer(directory: Path, words: list[str], max_length: int = 16
     return tokenizer
 
 
-def assemble_pipeline(unet, vae, text_encoder, tokenizer):
-    """A ``StableDiffusionPipeline`` of these components with Stable Diffusion 1.x's DDIM
-    schedule and no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def sd_ddim_scheduler():
+    """DDIM with Stable Diffusion 1.x's (and SDXL's) training noise schedule."""
+    from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -91,12 +90,19 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+    """A ``StableDiffusionPipeline`` of these components with Stable Diffusion 1.x's DDIM
+    schedule and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -178,7 +184,7 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
     """Save a tiny random ``StableDiffusionXLPipeline`` to ``directory``: SDXL's structure at toy
     size (two text encoders whose penultimate states are concatenated, 16 + 16 = 32 wide; the
     UNet's ``text_time`` added conditions from the pooled projection and six time ids)."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -199,14 +205,7 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd_ddim_scheduler(),
         add_watermarker=False,
     )
     return _save(pipe, directory)
