@@ -117,7 +117,7 @@ def evaluate_policy(
         metrics[f"eval/{label}/diversity"] = diversity(feats.cpu(), [p for p, _ in items])
         first = next(iter(scores), None)
         captions = [
-            f"{prompt}" + (f"\n{first}={scores[first][i]:.3f}" if first else "")
+            f"{prompt}" + (f"\n{first} = {scores[first][i]:.3f}" if first else "")
             for i, prompt in enumerate(traj.prompts)
         ]
         grids[label] = (traj.images.cpu(), captions)

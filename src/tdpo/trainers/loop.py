@@ -605,7 +605,7 @@ class Trainer:
     def _save_grid(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
         count = min(16, len(traj.prompts))
         captions = [
-            f"{p}\n{self.config.reward.name}={r:.3f}"
+            f"{p}\n{self.config.reward.name} = {r:.3f}"
             for p, r in zip(traj.prompts[:count], rewards[:count].tolist())
         ]
         path = save_grid(
