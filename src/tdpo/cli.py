@@ -7,6 +7,7 @@ value and the fix, and returns 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -278,10 +279,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                 truncate_metrics(run_dir, 0)
                 print(f"no checkpoint in {run_dir} yet; starting it from epoch 0", flush=True)
             resume = False
+    fresh = not resume and int(os.environ.get("RANK", "0")) == 0
+    if fresh:
+        from tdpo.config import write_run_config
+
+        # Before the models load: a run killed while loading can be resumed (from epoch 0).
+        write_run_config(config, run_dir)
     quiet_libraries(load=True)
     from tdpo.trainers.loop import Trainer
 
-    trainer = Trainer(config, run_dir, resume=resume, log=_log_main)
+    try:
+        trainer = Trainer(config, run_dir, resume=resume, log=_log_main)
+    except UsageError:
+        if fresh:  # e.g. a Hub id that cannot load: leave no half-made run behind
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
     if trainer.is_main:
         print(f"run directory: {run_dir}", flush=True)
     code = trainer.train()

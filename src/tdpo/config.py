@@ -682,6 +682,14 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def write_run_config(config: Config, run_dir: Path) -> None:
+    """``run_dir/config.yaml``, written atomically (what ``tdpo train --resume`` reads)."""
+    from tdpo.fileio import atomic_write
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / "config.yaml", lambda f: f.write(config_to_yaml(config)))
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from its saved dict (e.g. a run's config.yaml), validated."""
     return build_config(base=data)

@@ -26,6 +26,8 @@ FAST = "fast"
 REGISTRY = "registry"
 # Only detectable once models run (the reward's output): no time budget.
 LOADS = "loads"
+# Detected when the pipeline loads: no time budget, and no run directory may be left behind.
+AT_LOAD = "at-load"
 
 
 def _env() -> dict[str, str]:
@@ -142,6 +144,12 @@ CASES = [
     ("missing-model", ["--model", "/no/such/pipeline"], ["model.pretrained", "/no/such/pipeline"]),
     ("model-not-a-pipeline", ["--model", "{tmp}"], ["model.pretrained", "model_index.json"]),
     (
+        "model-unsupported-pipeline",
+        ["--model", "{kandinsky}"],
+        ["model.pretrained", "KandinskyPipeline", "tdpo fine-tunes"],
+        AT_LOAD,
+    ),
+    (
         "output-under-a-file",
         ["--output-dir", "{file}/x"],
         ["output_dir", "{file}/x", "is a file, not a folder"],
@@ -210,7 +218,15 @@ def test_bad_input_exits_2_with_one_line(
     empty.mkdir()
     regular_file = tmp_path / "regular-file"
     regular_file.write_text("not a folder\n")
-    subs = {"tmp": str(empty), "file": str(regular_file), "root": str(fake_run)}
+    kandinsky = tmp_path / "kandinsky"
+    kandinsky.mkdir()
+    (kandinsky / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    subs = {
+        "tmp": str(empty),
+        "file": str(regular_file),
+        "root": str(fake_run),
+        "kandinsky": str(kandinsky),
+    }
     extra = [_expand(a, subs, tmp_path) for a in extra]
     expected = [_expand(e, subs, tmp_path) for e in expected]
     if name in RESUME_CASES:
@@ -238,6 +254,7 @@ def test_bad_input_exits_2_with_one_line(
         assert text in line, (text, line)
     if kind != LOADS:
         assert not (out / "bad").exists(), "a rejected config must not create a run directory"
+    if kind in (FAST, REGISTRY):
         assert cpu < BUDGET_S, f"{name}: {cpu:.2f} CPU-seconds (budget {BUDGET_S}s)"
     if kind == FAST:  # no torch import: far within budget even on a busy machine
         assert wall < BUDGET_S, f"{name}: {wall:.2f}s (budget {BUDGET_S}s)"

@@ -40,14 +40,13 @@ from tdpo.algos.neurons import (
 from tdpo.config import (
     RESUME_MUTABLE_PREFIXES,
     Config,
-    config_to_yaml,
     flatten,
     resolve_schedule,
     to_dict,
+    write_run_config,
 )
 from tdpo.errors import TrainingError, UsageError
 from tdpo.evaluation import evaluate_policy, parse_prompt_sets
-from tdpo.fileio import atomic_write
 from tdpo.images import save_grid
 from tdpo.policy import (
     DiffusionPolicy,
@@ -632,10 +631,7 @@ class Trainer:
 
     def write_config(self) -> None:
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(
-                self.run_dir / "config.yaml", lambda f: f.write(config_to_yaml(self.config))
-            )
+            write_run_config(self.config, self.run_dir)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out evaluation on the main process; updates the over-optimization monitor."""
