@@ -32,6 +32,15 @@ KNOWN_BACKBONES = {
     "yuvalkirstain/PickScore_v1": 632.1,
     "hpsv2": 632.1,
 }
+# Reward models (millions of parameters resident while training): the paper's models; the shapes
+# world's are tiny. Counted from the models' configs.
+KNOWN_REWARDS = {
+    "aesthetic": 304.9,  # CLIP ViT-L/14 vision tower + projection + MLP
+    "pickscore": 986.1,  # CLIP ViT-H/14
+    "hpsv2": 986.1,  # open_clip ViT-H/14
+    "imagereward": 446.2,  # BLIP ViT-L + BERT with cross-attention + MLP
+    "clipscore": 427.6,  # CLIP ViT-L/14
+}
 SD_LATENT = (4, 64, 64)  # latents of 512x512 images
 KNOWN_LATENTS = {"stabilityai/stable-diffusion-xl-base-1.0": (4, 128, 128)}  # 1024x1024 images
 
@@ -97,8 +106,9 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
         found = _millions(config.critic.backbone, KNOWN_BACKBONES, ())
         backbone_m = found[0] if found else float("nan")
     head_m = 1.3 if config.train.algorithm == "tdpo" else 0.0
+    rewards_m = reward_millions(config)
     mib = 1024**2
-    weights = (frozen_m + backbone_m) * 1e6 * weight_bytes / mib
+    weights = (frozen_m + backbone_m + rewards_m) * 1e6 * weight_bytes / mib
     trainable = (trainable_m + head_m) * 1e6 * 4 * 3 / mib  # weights + 2 AdamW moments, fp32
     latent = _latent_shape(config.model.pretrained, unet_m)
     latents = samples_per_process * (config.sample.num_steps + 1)
@@ -112,6 +122,7 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     lines.append(
         f"# parameters: UNet {unet_m:.1f} M, VAE {vae_m:.1f} M, text encoder {text_m:.1f} M"
         + (f", critic backbone {backbone_m:.1f} M" if backbone_m else "")
+        + (f", rewards {rewards_m:.1f} M" if rewards_m else "")
         + f"; trainable {trainable_m + head_m:.2f} M"
     )
     lines.append(
@@ -134,3 +145,12 @@ def _latent_shape(spec: str, unet_m: float) -> tuple[int, int, int]:
         size = size[0] if isinstance(size, list) else size
         return (int(unet.get("in_channels", 4)), int(size), int(size))
     return KNOWN_LATENTS.get(spec, SD_LATENT if unet_m > 100 else (4, 8, 8))
+
+
+def reward_millions(config) -> float:
+    """Parameters of the training reward and the panel that stay loaded (known models only)."""
+    from tdpo.rewards.combine import parse_reward_spec
+
+    names = {name for name, _ in parse_reward_spec(config.reward.name, "reward.name")}
+    names |= set(config.reward.panel) | set(config.eval.rewards)
+    return sum(KNOWN_REWARDS.get(name, 0.0) for name in names)

@@ -173,6 +173,20 @@ def test_dry_run_prints_schedule_and_loads_nothing(capsys):
     assert main(["train", "--preset", "sd14-aesthetic", "--preset", "tdpo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "updates per epoch: 100" in out and "gradient accumulation: 128" in out
+    # The training reward and the paper's panel stay loaded: aesthetic + imagereward +
+    # pickscore + hpsv2 (304.9 + 446.2 + 986.1 + 986.1 M parameters).
+    assert "rewards 2723.3 M" in out
+
+
+def test_dry_run_counts_the_sdxl_text_encoders_and_latents(capsys):
+    from tdpo.estimate import KNOWN_PIPELINES
+
+    sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
+    assert main(["train", "--model", sdxl, "--set", "sample.samples_per_epoch=64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"UNet {KNOWN_PIPELINES[sdxl][0]} M" in out and "text encoder 817.7 M" in out
+    # 64 samples x 21 states x 4x128x128 fp32 latents (336 MiB) + 64 x 20 critic embeddings.
+    assert "stored epoch 340 MiB" in out
 
 
 def test_yaml_config_file_is_applied(tmp_path, capsys):
