@@ -610,6 +610,10 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tdpo-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model, backbone, label = resolve_model(args.model, args.backbone, tmp)
+        from tdpo.policy import pipeline_class
+
+        if pipeline_class(model) != "StableDiffusionPipeline":  # read before anything loads
+            raise UsageError("--model", label, "is an SDXL pipeline; tdpo bench measures SD 1.x/2.x")
         results["model"] = label
         log(
             f"tdpo bench: model {label}; {s['samples']} samples/epoch, batch {s['batch']}, "
@@ -635,8 +639,6 @@ def run_bench(args: argparse.Namespace) -> int:
             m: make(m, s["samples"], s["steps"], s["batch"], s["train_batch"])
             for m in ("ddpo100", "tdpo_image", "tdpo_latent")
         }
-        if trainers["ddpo100"].policy.is_sdxl:
-            raise UsageError("--model", label, "is an SDXL pipeline; tdpo bench measures SD 1.x/2.x")
         log("sampling: DiffusionPolicy.sample vs StableDiffusionPipeline.__call__")
         results["sampling"] = bench_sampling(trainers["ddpo100"], s["repeats"], memory, log)
         log("hot path: costs inside the sampling loop, per guided UNet pass")

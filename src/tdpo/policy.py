@@ -82,11 +82,10 @@ def _load_error(spec: str, exc: Exception) -> UsageError:
     )
 
 
-def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """``from_pretrained`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (Hub id or folder),
-    with a DDIM scheduler. The class comes from the pipeline's ``model_index.json``."""
-    import diffusers
-    from diffusers import DDIMScheduler, DiffusionPipeline
+def pipeline_class(spec: str, revision: str | None = None) -> str:
+    """The pipeline class named in ``model_index.json`` (Hub id or folder; only that file is
+    read); a UsageError unless it is one tdpo fine-tunes."""
+    from diffusers import DiffusionPipeline
 
     spec = resolve_alias(spec)
     check_pipeline_path(spec)
@@ -101,6 +100,29 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
             spec,
             f"is a {class_name}; tdpo fine-tunes {' and '.join(SUPPORTED_PIPELINES)} pipelines",
         )
+    return class_name
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompt token ids padded/truncated to the tokenizer's length, as the pipelines do."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """``from_pretrained`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (Hub id or folder),
+    with a DDIM scheduler. The class comes from the pipeline's ``model_index.json``."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    class_name = pipeline_class(spec, revision)
+    spec = resolve_alias(spec)
+    location = str(Path(spec).expanduser()) if looks_like_path(spec) else spec
     extra = {}
     if class_name == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -250,13 +272,7 @@ class DiffusionPolicy(nn.Module):
         second encoder's projected pooled output."""
 
         def tokens(tokenizer):
-            return tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            return tokenize(tokenizer, prompts).to(self.device)
 
         if not self.is_sdxl:
             return self.text_encoder(tokens(self.tokenizer))[0], None

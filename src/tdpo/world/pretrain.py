@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tdpo.policy import tokenize
 from tdpo.world import generator as gen
 from tdpo.world import models
 from tdpo.world.rewards import pooled as _pooled
@@ -191,16 +192,6 @@ def _encode_latents(
     return torch.cat(means), torch.cat(stds)
 
 
-def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def _copy_bpe_files(src: Path, dst: Path) -> None:
     """transformers 5 saves only tokenizer.json; also ship the generated vocab.json and
     merges.txt (what a slow CLIPTokenizer and older transformers read)."""
@@ -218,8 +209,8 @@ def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     sf = vae.config.scaling_factor
     lat_mean, lat_std = _encode_latents(vae, images)
     tokenizer = models.build_tokenizer(out / "tokenizer_src")
-    ids = _tokenize(tokenizer, prompts)
-    empty = _tokenize(tokenizer, [""])[0]
+    ids = tokenize(tokenizer, prompts)
+    empty = tokenize(tokenizer, [""])[0]
     torch.manual_seed(seed)
     unet = models.build_unet()
     text_encoder = models.build_text_encoder(tokenizer)
@@ -301,7 +292,7 @@ def stage_clip(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     all_p = gen.all_prompts()
     index = {p: i for i, p in enumerate(all_p)}
     labels = torch.tensor([index[p] for p in prompts])
-    all_ids = _tokenize(tokenizer, all_p)
+    all_ids = tokenize(tokenizer, all_p)
     torch.manual_seed(seed + 11)
     clip = models.build_clip(tokenizer)
     feats = ClipFeatures(clip, tokenizer)
