@@ -21,22 +21,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_launch_gathers_and_normalizes_globally(
-    tiny_pipeline_dir, tiny_clip_dir, tmp_path
-):
-    overrides = tiny_overrides(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        run_name="ddp",
-        **{"train.epochs": 1, "log.dump_tensors": True, "train.norm_min_count": 2},
-    )
-    cmd = [
+def accelerate_cli(num_processes: int, args: list[str]) -> list[str]:
+    """``accelerate launch`` of ``tdpo.cli`` with ``num_processes`` CPU processes."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(num_processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -47,13 +40,22 @@ def test_two_process_launch_gathers_and_normalizes_globally(
         str(_free_port()),
         "-m",
         "tdpo.cli",
-        "train",
-        "--preset",
-        "tdpo-r",
-        "--output-dir",
-        str(tmp_path),
-        *as_set_args(overrides),
+        *args,
     ]
+
+
+def test_two_process_launch_gathers_and_normalizes_globally(
+    tiny_pipeline_dir, tiny_clip_dir, tmp_path
+):
+    overrides = tiny_overrides(
+        tiny_pipeline_dir,
+        tiny_clip_dir,
+        run_name="ddp",
+        **{"train.epochs": 1, "log.dump_tensors": True, "train.norm_min_count": 2},
+    )
+    cmd = accelerate_cli(
+        2, ["train", "--preset", "tdpo-r", "--output-dir", str(tmp_path), *as_set_args(overrides)]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -10,7 +10,6 @@ depend on the process count (docs/reliability.md)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from tdpo.tracking import read_metrics
 from tests.conftest import as_set_args, tiny_overrides
+from tests.e2e.test_accelerate_launch import accelerate_cli
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH1_REL = 1e-4  # reward_mean, reward_std, panel/*: the same samples
@@ -29,12 +29,6 @@ LATER_REWARD_REL = 1e-3
 CRITIC_LOSS_REL = 0.5
 # PPO statistics once averaged over processes: near zero in both, within 1e-2 absolute.
 LOSS_ABS = 1e-2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(pipeline_dir, clip_dir, name):
@@ -66,25 +60,7 @@ def _launch(num_processes: int, args: list[str]) -> subprocess.CompletedProcess:
     if num_processes == 1:
         cmd = [sys.executable, "-m", "tdpo.cli", *args]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "tdpo.cli",
-            *args,
-        ]
+        cmd = accelerate_cli(num_processes, args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
 
 
