@@ -32,6 +32,16 @@ def _noise(policy: DiffusionPolicy, batch: int, seed: int = 0) -> torch.Tensor:
     return sample_noise([seed + i for i in range(batch)], shape)
 
 
+def _policy(sdxl_dir, steps: int, guidance: float, **sample) -> DiffusionPolicy:
+    overrides = {
+        "model.pretrained": str(sdxl_dir),
+        "sample.num_steps": steps,
+        "sample.guidance_scale": guidance,
+    }
+    config = build_config(overrides=overrides)
+    return DiffusionPolicy.from_config(config.model, dataclasses.replace(config.sample, **sample))
+
+
 def _pipe_images(pipe, noise, steps=4, guidance=3.0):
     return pipe(
         PROMPTS,
@@ -44,14 +54,7 @@ def _pipe_images(pipe, noise, steps=4, guidance=3.0):
 
 
 def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
-    config = build_config(
-        overrides={
-            "model.pretrained": str(sdxl_dir),
-            "sample.num_steps": 4,
-            "sample.guidance_scale": 3.0,
-        }
-    )
-    policy = DiffusionPolicy.from_config(config.model, dataclasses.replace(config.sample, eta=0.0))
+    policy = _policy(sdxl_dir, 4, 3.0, eta=0.0)  # eta 0: a config refuses it, the test needs it
     assert policy.is_sdxl and type(policy.pipe).__name__ == "StableDiffusionXLPipeline"
     noise = _noise(policy, 2, seed=3)
     traj = policy.sample(policy.unet, PROMPTS, noise)
@@ -65,30 +68,15 @@ def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
     # The added conditions matter: without the pooled embedding the prediction changes.
     t = policy.scheduler.timesteps[0]
     with torch.no_grad():
-        with_pooled = policy.predict_noise(
-            policy.unet, traj.latents[:, 0], t, traj.prompt_embeds, None, 1.0, traj.pooled_embeds
-        )
-        zero_pooled = policy.predict_noise(
-            policy.unet,
-            traj.latents[:, 0],
-            t,
-            traj.prompt_embeds,
-            None,
-            1.0,
-            torch.zeros_like(traj.pooled_embeds),
+        with_pooled, zero_pooled = (
+            policy.predict_noise(policy.unet, traj.latents[:, 0], t, traj.prompt_embeds, None, 1.0, p)
+            for p in (traj.pooled_embeds, torch.zeros_like(traj.pooled_embeds))
         )
     assert (with_pooled - zero_pooled).abs().max() > 1e-4
 
 
 def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
-    config = build_config(
-        overrides={
-            "model.pretrained": str(sdxl_dir),
-            "sample.num_steps": 3,
-            "sample.guidance_scale": 4.0,
-        }
-    )
-    policy = DiffusionPolicy.from_config(config.model, config.sample)
+    policy = _policy(sdxl_dir, 3, 4.0)
     torch.manual_seed(0)
     for p in policy.trainable_parameters():
         p.data.normal_(0, 0.05)

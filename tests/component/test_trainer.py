@@ -178,23 +178,14 @@ def test_final_lora_loads_into_the_pipeline_and_gives_the_same_images(
     prompts = ["a red cat", "a photo of a dog"]
     ours = policy.sample(tr.unet, prompts, noise).images
     pipe = load_pipeline(str(tiny_pipeline_dir))
-    base = pipe(
-        prompts,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        eta=0.0,
-        latents=noise[:, 0],
-        output_type="pt",
-    ).images
+
+    def pipe_images():
+        kwargs = dict(num_inference_steps=4, guidance_scale=3.0, eta=0.0, output_type="pt")
+        return pipe(prompts, latents=noise[:, 0], **kwargs).images
+
+    base = pipe_images()
     pipe.load_lora_weights(final)
-    theirs = pipe(
-        prompts,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        eta=0.0,
-        latents=noise[:, 0],
-        output_type="pt",
-    ).images
+    theirs = pipe_images()
     torch.testing.assert_close(theirs.float(), ours, atol=2e-4, rtol=0)
     assert (base.float() - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
 
