@@ -82,6 +82,12 @@ def _load_error(spec: str, exc: Exception) -> UsageError:
     )
 
 
+def _location(spec: str) -> str:
+    """A pipeline spec as ``from_pretrained`` takes it: alias resolved, a path expanded."""
+    spec = resolve_alias(spec)
+    return str(Path(spec).expanduser()) if looks_like_path(spec) else spec
+
+
 def pipeline_class(spec: str, revision: str | None = None) -> str:
     """The pipeline class named in ``model_index.json`` (Hub id or folder; only that file is
     read); a UsageError unless it is one tdpo fine-tunes."""
@@ -89,9 +95,8 @@ def pipeline_class(spec: str, revision: str | None = None) -> str:
 
     spec = resolve_alias(spec)
     check_pipeline_path(spec)
-    location = str(Path(spec).expanduser()) if looks_like_path(spec) else spec
     try:
-        class_name = DiffusionPipeline.load_config(location, revision=revision).get("_class_name")
+        class_name = DiffusionPipeline.load_config(_location(spec), revision=revision).get("_class_name")
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from None
     if class_name not in SUPPORTED_PIPELINES:
@@ -121,14 +126,12 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     from diffusers import DDIMScheduler
 
     class_name = pipeline_class(spec, revision)
-    spec = resolve_alias(spec)
-    location = str(Path(spec).expanduser()) if looks_like_path(spec) else spec
     extra = {}
     if class_name == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(
-            location, revision=revision, torch_dtype=dtype, **extra
+            _location(spec), revision=revision, torch_dtype=dtype, **extra
         )
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from None
