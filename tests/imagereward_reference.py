@@ -24,7 +24,9 @@ class Attention(nn.Module):  # vit.py: Attention (qkv_bias=True in VisionTransfo
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
@@ -66,7 +68,9 @@ class VisionTransformer(nn.Module):  # vit.py: VisionTransformer.forward
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch_size) ** 2 + 1, embed_dim) * 0.02)
+        self.pos_embed = nn.Parameter(
+            torch.randn(1, (img_size // patch_size) ** 2 + 1, embed_dim) * 0.02
+        )
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -91,7 +95,11 @@ class BertSelfAttention(nn.Module):  # med.py: BertSelfAttention (absolute posit
 
     def forward(self, hidden_states, mask, encoder_hidden_states=None):
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = self.split(self.query(hidden_states)), self.split(self.key(source)), self.split(self.value(source))
+        q, k, v = (
+            self.split(self.query(hidden_states)),
+            self.split(self.key(source)),
+            self.split(self.value(source)),
+        )
         scores = q @ k.transpose(-1, -2) / self.size**0.5 + mask
         context = (scores.softmax(dim=-1) @ v).permute(0, 2, 1, 3)
         return context.reshape(*context.shape[:2], -1)
@@ -163,11 +171,14 @@ class BertModel(nn.Module):  # med.py: BertModel(add_pooling_layer=False), encod
     def __init__(self, vocab, hidden, heads, inner, layers, max_positions, encoder_width):
         super().__init__()
         self.embeddings = BertEmbeddings(vocab, hidden, max_positions)
-        self.encoder = BertEncoder(layers, hidden=hidden, heads=heads, inner=inner,
-                                   encoder_width=encoder_width)
+        self.encoder = BertEncoder(
+            layers, hidden=hidden, heads=heads, inner=inner, encoder_width=encoder_width
+        )
 
     def forward(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask):
-        mask = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0  # get_extended_attention_mask
+        mask = (
+            1.0 - attention_mask[:, None, None, :].float()
+        ) * -10000.0  # get_extended_attention_mask
         encoder_mask = (1.0 - encoder_attention_mask[:, None, None, :].float()) * -10000.0
         x = self.embeddings(input_ids)
         for layer in self.encoder.layer:
@@ -176,12 +187,26 @@ class BertModel(nn.Module):  # med.py: BertModel(add_pooling_layer=False), encod
 
 
 class BLIP(nn.Module):
-    def __init__(self, image_size, patch, vision_width, vision_depth, vision_heads, vocab, hidden,
-                 text_heads, text_layers, max_positions):
+    def __init__(
+        self,
+        image_size,
+        patch,
+        vision_width,
+        vision_depth,
+        vision_heads,
+        vocab,
+        hidden,
+        text_heads,
+        text_layers,
+        max_positions,
+    ):
         super().__init__()
-        self.visual_encoder = VisionTransformer(image_size, patch, vision_width, vision_depth, vision_heads)
-        self.text_encoder = BertModel(vocab, hidden, text_heads, hidden * 4, text_layers, max_positions,
-                                      vision_width)
+        self.visual_encoder = VisionTransformer(
+            image_size, patch, vision_width, vision_depth, vision_heads
+        )
+        self.text_encoder = BertModel(
+            vocab, hidden, text_heads, hidden * 4, text_layers, max_positions, vision_width
+        )
         # BLIP_Pretrain's projections are in the checkpoint but unused by ImageReward.score.
         self.vision_proj, self.text_proj = nn.Linear(vision_width, 16), nn.Linear(hidden, 16)
 
@@ -195,8 +220,15 @@ class ImageReward(nn.Module):  # ImageReward.py: ImageReward.score_gard (the bat
         hidden = blip["hidden"]
         self.mlp = nn.Module()
         self.mlp.layers = nn.Sequential(
-            nn.Linear(hidden, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+            nn.Linear(hidden, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, pixels, input_ids, attention_mask):
         image_embeds = self.blip.visual_encoder(pixels)

@@ -75,7 +75,9 @@ def preprocess_images(images: torch.Tensor, config: PreprocessConfig) -> torch.T
     new_h, new_w = _resize_shape(height, width, config.resize)
     if (new_h, new_w) != (height, width):
         mode = config.interpolation
-        kwargs = {"align_corners": False, "antialias": True} if mode in ("bicubic", "bilinear") else {}
+        kwargs = (
+            {"align_corners": False, "antialias": True} if mode in ("bicubic", "bilinear") else {}
+        )
         x = F.interpolate(x, size=(new_h, new_w), mode=mode, **kwargs)
         # The processors resize uint8 images, which saturate at 0 and 255.
         x = x.clamp(0.0, 1.0)
@@ -126,7 +128,9 @@ def preprocess_config_from_processor(processor) -> PreprocessConfig:
     std = tuple(float(v) for v in (processor.image_std or OPENAI_CLIP_STD))
     if resize[1] is None:
         raise ValueError("image processors without resizing are not supported")
-    return PreprocessConfig(resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation)
+    return PreprocessConfig(
+        resize=resize, crop=crop, mean=mean, std=std, interpolation=interpolation
+    )
 
 
 class ImageEmbedder(nn.Module):
@@ -177,8 +181,13 @@ class ImageEmbedder(nn.Module):
 class HFCLIPImageEmbedder(ImageEmbedder):
     """A transformers CLIP image tower (vision transformer + visual projection)."""
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module,
-                 preprocess: PreprocessConfig, name: str = ""):
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        visual_projection: nn.Module,
+        preprocess: PreprocessConfig,
+        name: str = "",
+    ):
         super().__init__(preprocess, visual_projection.out_features, name)
         self.vision_model = vision_model
         self.visual_projection = visual_projection
@@ -201,15 +210,23 @@ def hub_error_fix(spec: str, exc: BaseException) -> str:
     if _is_local(spec):
         if not os.path.exists(os.path.expanduser(spec)):
             return "the path does not exist; give an existing model folder or a Hub id"
-        return f"cannot load a model from this path ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        return (
+            f"cannot load a model from this path ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     where = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
-    return (f"not found in the local Hugging Face cache and {where}; download it first "
-            "(huggingface-cli download ...) or give a local folder")
+    return (
+        f"not found in the local Hugging Face cache and {where}; download it first "
+        "(huggingface-cli download ...) or give a local folder"
+    )
 
 
-def load_clip_preprocess(spec: str, processor_spec: str | None = None,
-                         image_size: int | None = None, field_name: str = FIELD) -> PreprocessConfig:
+def load_clip_preprocess(
+    spec: str,
+    processor_spec: str | None = None,
+    image_size: int | None = None,
+    field_name: str = FIELD,
+) -> PreprocessConfig:
     """The CLIP preprocessing of ``processor_spec`` (default ``spec``): from its
     preprocessor_config.json when present, else CLIP defaults at ``image_size``."""
     from transformers import CLIPImageProcessor
@@ -242,7 +259,9 @@ def load_hf_clip_vision(spec: str, device="cpu", dtype=torch.float32, field_name
 
     path = os.path.expanduser(spec)
     if _is_local(spec) and not os.path.exists(path):
-        raise UsageError(field_name, spec, "the path does not exist; give a CLIP model folder or a Hub id")
+        raise UsageError(
+            field_name, spec, "the path does not exist; give a CLIP model folder or a Hub id"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -254,12 +273,18 @@ def load_hf_clip_vision(spec: str, device="cpu", dtype=torch.float32, field_name
     elif config.model_type == "clip_vision_model":
         vision_config = config
     else:
-        raise UsageError(field_name, spec, f"not a CLIP model (model_type {config.model_type!r}); "
-                         "give a transformers CLIPModel or CLIPVisionModelWithProjection")
+        raise UsageError(
+            field_name,
+            spec,
+            f"not a CLIP model (model_type {config.model_type!r}); "
+            "give a transformers CLIPModel or CLIPVisionModelWithProjection",
+        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the text tower's weights are expected to be unused
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(path, config=vision_config, dtype=dtype)
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            path, config=vision_config, dtype=dtype
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise UsageError(field_name, spec, hub_error_fix(spec, exc)) from None
     finally:
@@ -268,9 +293,14 @@ def load_hf_clip_vision(spec: str, device="cpu", dtype=torch.float32, field_name
     return model.vision_model, model.visual_projection, vision_config
 
 
-def load_hf_clip_embedder(spec: str, device="cpu", dtype=torch.float32,
-                          processor_spec: str | None = None, field_name: str = FIELD,
-                          name: str = "") -> HFCLIPImageEmbedder:
+def load_hf_clip_embedder(
+    spec: str,
+    device="cpu",
+    dtype=torch.float32,
+    processor_spec: str | None = None,
+    field_name: str = FIELD,
+    name: str = "",
+) -> HFCLIPImageEmbedder:
     vision_model, projection, vision_config = load_hf_clip_vision(spec, device, dtype, field_name)
     preprocess = load_clip_preprocess(spec, processor_spec, vision_config.image_size, field_name)
     return HFCLIPImageEmbedder(vision_model, projection, preprocess, name=name or spec)
@@ -281,30 +311,49 @@ def load_image_embedder(spec: str, device="cpu", dtype=torch.float32) -> ImageEm
     from tdpo.rewards import sources
 
     if not isinstance(spec, str) or not spec.strip():
-        raise UsageError(FIELD, spec, "give a backbone: clip, pickscore, hpsv2, hf:<id-or-folder> "
-                         "or open_clip:<arch>:<checkpoint>")
+        raise UsageError(
+            FIELD,
+            spec,
+            "give a backbone: clip, pickscore, hpsv2, hf:<id-or-folder> "
+            "or open_clip:<arch>:<checkpoint>",
+        )
     spec = spec.strip()
     key = spec.lower()
     if key in ("clip", "clip-vit-l-14", "clip_vit_l14", "aesthetic"):
         return load_hf_clip_embedder(sources.resolve("clip_l14"), device, dtype, name=spec)
     if key == "pickscore":
-        return load_hf_clip_embedder(sources.resolve("pickscore_model"), device, dtype,
-                                     processor_spec=sources.resolve("pickscore_processor"),
-                                     name=spec)
+        return load_hf_clip_embedder(
+            sources.resolve("pickscore_model"),
+            device,
+            dtype,
+            processor_spec=sources.resolve("pickscore_processor"),
+            name=spec,
+        )
     if key in ("hpsv2", "hpsv2.1", "hps"):
         from tdpo.rewards.open_clip_hf import load_open_clip_embedder
 
-        return load_open_clip_embedder("ViT-H-14", sources.resolve("hpsv2_checkpoint"),
-                                       device, dtype, field_name=FIELD, name=spec)
+        return load_open_clip_embedder(
+            "ViT-H-14",
+            sources.resolve("hpsv2_checkpoint"),
+            device,
+            dtype,
+            field_name=FIELD,
+            name=spec,
+        )
     if key.startswith("open_clip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise UsageError(FIELD, spec, "write open_clip:<architecture>:<checkpoint file>, "
-                             "e.g. open_clip:ViT-H-14:/models/HPS_v2.1_compressed.pt")
+            raise UsageError(
+                FIELD,
+                spec,
+                "write open_clip:<architecture>:<checkpoint file>, "
+                "e.g. open_clip:ViT-H-14:/models/HPS_v2.1_compressed.pt",
+            )
         from tdpo.rewards.open_clip_hf import load_open_clip_embedder
 
-        return load_open_clip_embedder(parts[1], parts[2], device, dtype, field_name=FIELD,
-                                       name=spec)
+        return load_open_clip_embedder(
+            parts[1], parts[2], device, dtype, field_name=FIELD, name=spec
+        )
     if key.startswith("hf:"):
         spec = spec[3:]
     return load_hf_clip_embedder(spec, device, dtype)

@@ -613,7 +613,9 @@ def run_bench(args: argparse.Namespace) -> int:
         from tdpo.policy import pipeline_class
 
         if pipeline_class(model) != "StableDiffusionPipeline":  # read before anything loads
-            raise UsageError("--model", label, "is an SDXL pipeline; tdpo bench measures SD 1.x/2.x")
+            raise UsageError(
+                "--model", label, "is an SDXL pipeline; tdpo bench measures SD 1.x/2.x"
+            )
         results["model"] = label
         log(
             f"tdpo bench: model {label}; {s['samples']} samples/epoch, batch {s['batch']}, "

@@ -96,7 +96,9 @@ def pipeline_class(spec: str, revision: str | None = None) -> str:
     spec = resolve_alias(spec)
     check_pipeline_path(spec)
     try:
-        class_name = DiffusionPipeline.load_config(_location(spec), revision=revision).get("_class_name")
+        class_name = DiffusionPipeline.load_config(_location(spec), revision=revision).get(
+            "_class_name"
+        )
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from None
     if class_name not in SUPPORTED_PIPELINES:

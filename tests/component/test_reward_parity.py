@@ -26,8 +26,14 @@ from tdpo.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from tdpo.errors import UsageError  # noqa: E402
 from tdpo.rewards import hub  # noqa: E402
 
-VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              image_size=30, patch_size=6)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=6,
+)
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 # Pixel-value parity in [0, 1] units (normalized difference times std): see
 # tests/unit/test_backbones.py; smooth images differ only by the processor's uint8 rounding.
@@ -53,14 +59,28 @@ def clip_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     tokenizer, vocab_size = _tiny_tokenizer()
-    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
     folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)).save_pretrained(folder)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)
+    ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30},
-                       image_mean=MEAN, image_std=STD).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 30},
+        crop_size={"height": 30, "width": 30},
+        image_mean=MEAN,
+        image_std=STD,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -101,8 +121,11 @@ def test_pickscore_matches_processor_and_formula(clip_dir):
     model = scorer.model
     tokens = scorer.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                    pixel_values=scorer.pixels(images))
+        out = model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=scorer.pixels(images),
+        )
     # PickScore: logits_per_image = exp(logit_scale) * cos; the reward is its diagonal.
     torch.testing.assert_close(scores, out.logits_per_image.diagonal(), atol=1e-4, rtol=1e-4)
 
@@ -121,7 +144,9 @@ def test_aesthetic_mlp_on_normalized_clip_embeddings(clip_dir, tmp_path):
     torch.manual_seed(1)
     mlp = hub.AestheticMLP(16)
     torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    reward = hub.aesthetic(clip=str(clip_dir), mlp=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))
+    reward = hub.aesthetic(
+        clip=str(clip_dir), mlp=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    )
     images = _smooth_images(2, 72, 50, seed=2)
     scores = _check_reward(reward, images, score_atol=1e-3)
     with torch.no_grad():
@@ -198,14 +223,16 @@ def _torchvision_eval_transform(images, size):
             new_w, new_h = int(size * w / h), size
         image = image.resize((new_w, new_h), Image.BICUBIC)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        crop = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255
+        crop = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size] / 255
         out.append(torch.from_numpy(crop).permute(2, 0, 1))
     mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return (torch.stack(out) - mean) / std
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip_torch not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None, reason="open_clip_torch not installed"
+)
 def test_hpsv2_conversion_matches_open_clip(tmp_path, monkeypatch):
     from tdpo.rewards import open_clip_hf
 
@@ -214,20 +241,28 @@ def test_hpsv2_conversion_matches_open_clip(tmp_path, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     images = _smooth_images(2, 56, 41, seed=3)
     pixels = _torchvision_eval_transform(images, 28)
-    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    )["input_ids"]
     torch.save({"pixels": pixels, "ids": ids, "vocab_size": vocab_size}, tmp_path / "in.pt")
     script = tmp_path / "reference.py"
     script.write_text(OPEN_CLIP_REFERENCE)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "in.pt"), str(tmp_path / "ckpt.pt")],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "in.pt"), str(tmp_path / "ckpt.pt")],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     reference = torch.load(tmp_path / "ckpt.pt")
 
-    reward = hub.hpsv2(checkpoint=str(tmp_path / "ckpt.pt"), tokenizer=str(tmp_path / "tokenizer"),
-                       arch="tiny")
+    reward = hub.hpsv2(
+        checkpoint=str(tmp_path / "ckpt.pt"), tokenizer=str(tmp_path / "tokenizer"), arch="tiny"
+    )
     scorer = reward.scorer
     # Preprocessing: our torch path vs the PIL/torchvision-style transform.
-    pixel_diff = (scorer.pixels(images) - pixels).abs() * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    pixel_diff = (scorer.pixels(images) - pixels).abs() * torch.tensor(OPENAI_CLIP_STD).view(
+        1, 3, 1, 1
+    )
     assert pixel_diff.max().item() < PIXEL_ATOL
     # Model: the converted transformers CLIP equals open_clip's forward on the same inputs.
     with torch.no_grad():
@@ -253,8 +288,18 @@ def test_hpsv2_conversion_matches_open_clip(tmp_path, monkeypatch):
     torch.testing.assert_close(embedder(images), scorer.image_features(scorer.pixels(images)))
 
 
-BLIP_TINY = dict(image_size=32, patch=8, vision_width=128, vision_depth=2, vision_heads=2,
-                 vocab=14, hidden=128, text_heads=2, text_layers=2, max_positions=40)
+BLIP_TINY = dict(
+    image_size=32,
+    patch=8,
+    vision_width=128,
+    vision_depth=2,
+    vision_heads=2,
+    vocab=14,
+    hidden=128,
+    text_heads=2,
+    text_layers=2,
+    max_positions=40,
+)
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +310,20 @@ def imagereward_files(tmp_path_factory):
     from tests.imagereward_reference import ImageReward
 
     folder = tmp_path_factory.mktemp("imagereward")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "photo", "of", "dog", "on",
-             "beach"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "cat",
+        "photo",
+        "of",
+        "dog",
+        "on",
+        "beach",
+    ]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder / "tokenizer")
     torch.manual_seed(4)
@@ -277,16 +334,23 @@ def imagereward_files(tmp_path_factory):
 
 def test_imagereward_conversion_matches_its_own_forward(imagereward_files):
     folder, reference = imagereward_files
-    reward = hub.imagereward(checkpoint=str(folder / "ImageReward.pt"), tokenizer=str(folder / "tokenizer"))
+    reward = hub.imagereward(
+        checkpoint=str(folder / "ImageReward.pt"), tokenizer=str(folder / "tokenizer")
+    )
     images = _smooth_images(2, 40, 59, seed=5)  # resized to 32x47: a centre crop at offset 7.5
     # Preprocessing: our torch path vs ImageReward's PIL transform (written out independently).
     pixels = _torchvision_eval_transform(images, 32)
-    pixel_diff = (reward.pixels(images) - pixels).abs() * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    pixel_diff = (reward.pixels(images) - pixels).abs() * torch.tensor(OPENAI_CLIP_STD).view(
+        1, 3, 1, 1
+    )
     assert pixel_diff.max().item() < PIXEL_ATOL
     # Model: the converted transformers BLIP equals ImageReward's forward on the same inputs.
-    tokens = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35,
-                              return_tensors="pt")
-    assert tokens["attention_mask"][0].sum() < tokens["attention_mask"][1].sum()  # padding is masked
+    tokens = reward.tokenizer(
+        PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+    )
+    assert (
+        tokens["attention_mask"][0].sum() < tokens["attention_mask"][1].sum()
+    )  # padding is masked
     with torch.no_grad():
         expected = reference(pixels, tokens["input_ids"], tokens["attention_mask"])
         ours = reward.model(pixels, tokens["input_ids"], tokens["attention_mask"])
@@ -307,4 +371,6 @@ def test_imagereward_rejects_a_foreign_checkpoint(imagereward_files, tmp_path):
     del state["mlp.layers.7.bias"]
     torch.save(state, tmp_path / "truncated.pt")
     with pytest.raises(UsageError, match="1 missing"):
-        hub.imagereward(checkpoint=str(tmp_path / "truncated.pt"), tokenizer=str(folder / "tokenizer"))
+        hub.imagereward(
+            checkpoint=str(tmp_path / "truncated.pt"), tokenizer=str(folder / "tokenizer")
+        )

@@ -69,7 +69,9 @@ def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
     t = policy.scheduler.timesteps[0]
     with torch.no_grad():
         with_pooled, zero_pooled = (
-            policy.predict_noise(policy.unet, traj.latents[:, 0], t, traj.prompt_embeds, None, 1.0, p)
+            policy.predict_noise(
+                policy.unet, traj.latents[:, 0], t, traj.prompt_embeds, None, 1.0, p
+            )
             for p in (traj.pooled_embeds, torch.zeros_like(traj.pooled_embeds))
         )
     assert (with_pooled - zero_pooled).abs().max() > 1e-4

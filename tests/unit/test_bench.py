@@ -73,7 +73,12 @@ def test_gpu_check_tiny_runs_on_cpu(arch, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    parts = ["1_pipe_call", "2_policy_sample_vs_pipe", "3_tdpo_r_image_epoch", "4_tdpo_r_latent_epoch"]
+    parts = [
+        "1_pipe_call",
+        "2_policy_sample_vs_pipe",
+        "3_tdpo_r_image_epoch",
+        "4_tdpo_r_latent_epoch",
+    ]
     if arch == "sd15":  # the SDXL check leaves DDPO out to fit the device time
         parts.append("5_ddpo100_epoch")
     for part in parts:

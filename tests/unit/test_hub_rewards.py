@@ -80,7 +80,8 @@ def test_sources_resolve_override_then_env_then_default(monkeypatch, tmp_path):
     assert resolve("pickscore_model", "other/model") == "other/model"
     monkeypatch.delenv("TDPO_AESTHETIC_MLP", raising=False)
     assert resolve("aesthetic_mlp") == (
-        "hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth")
+        "hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+    )
     assert all(source.env.startswith("TDPO_") for source in SOURCES.values())
 
 

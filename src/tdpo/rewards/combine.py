@@ -19,8 +19,9 @@ from tdpo.errors import UsageError
 def parse_reward_spec(spec: str, field: str = "reward.name") -> list[tuple[str, float]]:
     """``"a:1.0,b:0.5,c"`` -> ``[("a", 1.0), ("b", 0.5), ("c", 1.0)]``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UsageError(field, spec, "give a reward name, or weighted terms like "
-                         "'pickscore:1.0,aesthetic:0.5'")
+        raise UsageError(
+            field, spec, "give a reward name, or weighted terms like 'pickscore:1.0,aesthetic:0.5'"
+        )
     terms: list[tuple[str, float]] = []
     for item in spec.split(","):
         item = item.strip()
@@ -51,8 +52,9 @@ def check_reward_spec(spec: str, field: str = "reward.name") -> None:
         check_reward_name(name, field)
 
 
-def build_weighted_reward(terms: list[tuple[str, float]], device: torch.device | str = "cpu",
-                          field: str = "reward.name"):
+def build_weighted_reward(
+    terms: list[tuple[str, float]], device: torch.device | str = "cpu", field: str = "reward.name"
+):
     """One reward from weighted terms; a single term of weight 1 is returned unwrapped."""
     from tdpo.rewards import build_reward
 

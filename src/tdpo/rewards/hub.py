@@ -51,8 +51,9 @@ class HubReward(nn.Module):
     name = "hub"
     differentiable = True
 
-    def __call__(self, images: torch.Tensor, prompts: list[str],
-                 metadata: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None
+    ) -> tuple[torch.Tensor, dict]:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
         grad = torch.is_grad_enabled() and images.requires_grad
@@ -108,9 +109,16 @@ class CLIPScorer(nn.Module):
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
-        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        tokens = {
+            k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")
+        }
         pooled = self.model.text_model(**tokens).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
@@ -125,7 +133,9 @@ def _load_clip_model(spec: str, device, dtype, field: str):
     from tdpo.backbones import _is_local, hub_error_fix
 
     if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
-        raise UsageError(field, spec, "the path does not exist; give a CLIP model folder or a Hub id")
+        raise UsageError(
+            field, spec, "the path does not exist; give a CLIP model folder or a Hub id"
+        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -162,8 +172,9 @@ def _load_image_processor(spec: str):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_hf_clip_scorer(model_spec: str, processor_spec: str | None, device, dtype,
-                        field: str = FIELD) -> CLIPScorer:
+def load_hf_clip_scorer(
+    model_spec: str, processor_spec: str | None, device, dtype, field: str = FIELD
+) -> CLIPScorer:
     from tdpo.backbones import load_clip_preprocess, preprocess_config_from_processor
 
     model = _load_clip_model(model_spec, device, dtype, field)
@@ -181,8 +192,11 @@ def load_hf_clip_scorer(model_spec: str, processor_spec: str | None, device, dty
         processor = _load_image_processor(spec)
         if processor is not None:
             break
-    preprocess = (preprocess_config_from_processor(processor) if processor is not None else
-                  load_clip_preprocess(model_spec, None, model.config.vision_config.image_size))
+    preprocess = (
+        preprocess_config_from_processor(processor)
+        if processor is not None
+        else load_clip_preprocess(model_spec, None, model.config.vision_config.image_size)
+    )
     return CLIPScorer(model, tokenizer, preprocess, processor)
 
 
@@ -213,8 +227,9 @@ class CLIPReward(HubReward):
 def pickscore(device=None, dtype=None, model: str | None = None, processor: str | None = None):
     """PickScore_v1: exp(logit_scale) * cos(image, text) (about 18-24 on SD images)."""
     device, dtype = _device_dtype(device, dtype)
-    scorer = load_hf_clip_scorer(resolve("pickscore_model", model),
-                                 resolve("pickscore_processor", processor), device, dtype)
+    scorer = load_hf_clip_scorer(
+        resolve("pickscore_model", model), resolve("pickscore_processor", processor), device, dtype
+    )
     return CLIPReward(scorer, "pickscore", "logit")
 
 
@@ -227,37 +242,54 @@ def clipscore(device=None, dtype=None, model: str | None = None):
 
 
 @register_reward("hpsv2")
-def hpsv2(device=None, dtype=None, checkpoint: str | None = None, tokenizer: str | None = None,
-          arch: str = "ViT-H-14"):
+def hpsv2(
+    device=None,
+    dtype=None,
+    checkpoint: str | None = None,
+    tokenizer: str | None = None,
+    arch: str = "ViT-H-14",
+):
     """HPS v2.1: cos(image, text) of the HPSv2-fine-tuned open_clip ViT-H-14 (about 0.2-0.35)."""
     from tdpo.rewards.open_clip_hf import load_open_clip_as_hf
 
     device, dtype = _device_dtype(device, dtype)
     path = resolve_file("hpsv2_checkpoint", checkpoint, FIELD)
     model, preprocess = load_open_clip_as_hf(arch, path, device, dtype, FIELD)
-    scorer = CLIPScorer(model, _load_tokenizer(resolve("hpsv2_tokenizer", tokenizer), FIELD),
-                        preprocess, image_processor=None)
+    scorer = CLIPScorer(
+        model,
+        _load_tokenizer(resolve("hpsv2_tokenizer", tokenizer), FIELD),
+        preprocess,
+        image_processor=None,
+    )
     return CLIPReward(scorer, "hpsv2", "cosine")
 
 
 # ----------------------------------------------------------------------------- aesthetic
 
 
-AestheticMLP = MLPHead  # the LAION improved aesthetic predictor head (no nonlinearity, as published)
+AestheticMLP = (
+    MLPHead  # the LAION improved aesthetic predictor head (no nonlinearity, as published)
+)
 
 
 def load_aesthetic_mlp(path: str, device, field: str = FIELD) -> AestheticMLP:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(field, path, f"cannot read the aesthetic MLP with torch.load("
-                         f"weights_only=True) ({type(exc).__name__})") from None
+        raise UsageError(
+            field,
+            path,
+            f"cannot read the aesthetic MLP with torch.load("
+            f"weights_only=True) ({type(exc).__name__})",
+        ) from None
     state = state.get("state_dict", state)
     mlp = AestheticMLP(state["layers.0.weight"].shape[1])
     try:
         mlp.load_state_dict(state)
     except RuntimeError as exc:
-        raise UsageError(field, path, f"not the LAION aesthetic MLP ({str(exc).splitlines()[0]})") from None
+        raise UsageError(
+            field, path, f"not the LAION aesthetic MLP ({str(exc).splitlines()[0]})"
+        ) from None
     return mlp.to(device).eval().requires_grad_(False)
 
 
@@ -276,7 +308,9 @@ class AestheticReward(HubReward):
 
     @torch.no_grad()
     def reference(self, images, prompts):
-        pixels = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")[
+            "pixel_values"
+        ]
         features = self.embedder.encode_pixels(pixels.to(self.embedder.device, self.embedder.dtype))
         return self._head(F.normalize(features.float(), dim=-1))
 
@@ -298,8 +332,9 @@ def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None 
 
 
 @register_reward("imagereward")
-def imagereward(device=None, dtype=None, checkpoint: str | None = None,
-                tokenizer: str | None = None):
+def imagereward(
+    device=None, dtype=None, checkpoint: str | None = None, tokenizer: str | None = None
+):
     """ImageReward-v1.0 (BLIP ViT-L + BERT with cross-attention + MLP) run as transformers BLIP
     modules, standardized with its published mean/std (mostly -2..2)."""
     from tdpo.rewards.imagereward_hf import load_imagereward_model
@@ -307,7 +342,9 @@ def imagereward(device=None, dtype=None, checkpoint: str | None = None,
     device, dtype = _device_dtype(device, dtype)
     path = resolve_file("imagereward_checkpoint", checkpoint, FIELD)
     model = load_imagereward_model(path, device, dtype, FIELD)
-    return ImageRewardReward(model, _load_tokenizer(resolve("imagereward_tokenizer", tokenizer), FIELD))
+    return ImageRewardReward(
+        model, _load_tokenizer(resolve("imagereward_tokenizer", tokenizer), FIELD)
+    )
 
 
 class ImageRewardReward(HubReward):
@@ -322,17 +359,24 @@ class ImageRewardReward(HubReward):
 
         self.model, self.tokenizer = model, tokenizer
         size = model.image_size
-        self.preprocess_config = PreprocessConfig(resize=("shortest_edge", size), crop=(size, size),
-                                                  crop_rounding="round")
+        self.preprocess_config = PreprocessConfig(
+            resize=("shortest_edge", size), crop=(size, size), crop_rounding="round"
+        )
 
     def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from tdpo.rewards.imagereward_hf import MAX_PROMPT_TOKENS
 
         device = next(self.model.parameters()).device
-        text = self.tokenizer(prompts, padding="max_length", truncation=True,
-                              max_length=MAX_PROMPT_TOKENS, return_tensors="pt")
-        return self.model(pixels.to(device), text["input_ids"].to(device),
-                          text["attention_mask"].to(device))
+        text = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_PROMPT_TOKENS,
+            return_tensors="pt",
+        )
+        return self.model(
+            pixels.to(device), text["input_ids"].to(device), text["attention_mask"].to(device)
+        )
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         from tdpo.backbones import preprocess_images

@@ -71,21 +71,30 @@ def blip_configs(state: dict[str, torch.Tensor]):
     patch = v("patch_embed.proj.weight").shape[-1]
     grid = math.isqrt(v("pos_embed").shape[1] - 1)
     vision = BlipVisionConfig(
-        hidden_size=width, intermediate_size=v("blocks.0.mlp.fc1.weight").shape[0],
+        hidden_size=width,
+        intermediate_size=v("blocks.0.mlp.fc1.weight").shape[0],
         num_hidden_layers=_count_layers(state, r"^blip\.visual_encoder\.blocks\.(\d+)\."),
-        num_attention_heads=max(1, width // HEAD_DIM), image_size=grid * patch, patch_size=patch,
-        layer_norm_eps=1e-6, hidden_act="gelu", attention_dropout=0.0,
+        num_attention_heads=max(1, width // HEAD_DIM),
+        image_size=grid * patch,
+        patch_size=patch,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        attention_dropout=0.0,
     )
     vocab, hidden = t("embeddings.word_embeddings.weight").shape
     text = BlipTextConfig(
-        vocab_size=vocab, hidden_size=hidden,
+        vocab_size=vocab,
+        hidden_size=hidden,
         encoder_hidden_size=t("encoder.layer.0.crossattention.self.key.weight").shape[1],
         intermediate_size=t("encoder.layer.0.intermediate.dense.weight").shape[0],
         num_hidden_layers=_count_layers(state, r"^blip\.text_encoder\.encoder\.layer\.(\d+)\."),
         num_attention_heads=max(1, hidden // HEAD_DIM),
         max_position_embeddings=t("embeddings.position_embeddings.weight").shape[0],
-        layer_norm_eps=1e-12, hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=0,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
         is_decoder=True,  # transformers builds the cross-attention layers only for decoders;
     )  # the encoder (bidirectional) mask is chosen per call, as BlipForImageTextRetrieval does.
     return vision, text
@@ -97,8 +106,14 @@ class MLPHead(nn.Module):
     def __init__(self, input_size: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -120,14 +135,21 @@ class ImageRewardModel(nn.Module):
     def image_size(self) -> int:
         return int(self.vision.config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         dtype = self.vision.embeddings.patch_embedding.weight.dtype
         image_embeds = self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                 encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=image_atts, is_decoder=False)
+        image_atts = torch.ones(
+            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+        )
+        text = self.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            is_decoder=False,
+        )
         raw = self.mlp(text.last_hidden_state[:, 0, :]).squeeze(-1).float()
         return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
@@ -137,9 +159,9 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out = {}
     for key, value in state.items():
         if key.startswith(VISION_PREFIX):
-            out["vision." + vision_key(key[len(VISION_PREFIX):])] = value
+            out["vision." + vision_key(key[len(VISION_PREFIX) :])] = value
         elif key.startswith(TEXT_PREFIX):
-            rest = key[len(TEXT_PREFIX):]
+            rest = key[len(TEXT_PREFIX) :]
             if rest != "embeddings.position_ids":  # a buffer in med.py, recomputed here
                 out["text_encoder." + rest] = value
         elif key.startswith(MLP_PREFIX):
@@ -152,21 +174,32 @@ def load_imagereward_model(path: str, device, dtype, field: str) -> ImageRewardM
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(field, path, f"cannot read the ImageReward checkpoint with torch.load("
-                         f"weights_only=True) ({type(exc).__name__})") from None
+        raise UsageError(
+            field,
+            path,
+            f"cannot read the ImageReward checkpoint with torch.load("
+            f"weights_only=True) ({type(exc).__name__})",
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     try:
         model = ImageRewardModel(*blip_configs(state))
         missing, unexpected = model.load_state_dict(convert_state_dict(state), strict=False)
     except (KeyError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(field, path, f"not an ImageReward checkpoint ({reason}); give "
-                         "THUDM/ImageReward's ImageReward.pt") from None
+        raise UsageError(
+            field,
+            path,
+            f"not an ImageReward checkpoint ({reason}); give THUDM/ImageReward's ImageReward.pt",
+        ) from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise UsageError(field, path, f"not an ImageReward checkpoint ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected weights, e.g. {(missing + unexpected)[0]})")
+        raise UsageError(
+            field,
+            path,
+            f"not an ImageReward checkpoint ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected weights, e.g. {(missing + unexpected)[0]})",
+        )
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -185,7 +218,7 @@ def imagereward_pil_transform(images: torch.Tensor, size: int) -> torch.Tensor:
         new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         image = image.resize((new_w, new_h), Image.BICUBIC)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        crop = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255
+        crop = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size] / 255
         out.append(torch.from_numpy(crop.copy()).permute(2, 0, 1))
     mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)

@@ -34,14 +34,20 @@ class Source:
 
 SOURCES: dict[str, Source] = {
     "clip_l14": Source("openai/clip-vit-large-patch14", "TDPO_CLIP_L14"),
-    "aesthetic_mlp": Source("camenduru/improved-aesthetic-predictor", "TDPO_AESTHETIC_MLP",
-                            "sac+logos+ava1-l14-linearMSE.pth"),
+    "aesthetic_mlp": Source(
+        "camenduru/improved-aesthetic-predictor",
+        "TDPO_AESTHETIC_MLP",
+        "sac+logos+ava1-l14-linearMSE.pth",
+    ),
     "pickscore_model": Source("yuvalkirstain/PickScore_v1", "TDPO_PICKSCORE_MODEL"),
-    "pickscore_processor": Source("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_PICKSCORE_PROCESSOR"),
+    "pickscore_processor": Source(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_PICKSCORE_PROCESSOR"
+    ),
     "hpsv2_checkpoint": Source("xswu/HPSv2", "TDPO_HPSV2_CHECKPOINT", "HPS_v2.1_compressed.pt"),
     "hpsv2_tokenizer": Source("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_HPSV2_TOKENIZER"),
-    "imagereward_checkpoint": Source("THUDM/ImageReward", "TDPO_IMAGEREWARD_CHECKPOINT",
-                                     "ImageReward.pt"),
+    "imagereward_checkpoint": Source(
+        "THUDM/ImageReward", "TDPO_IMAGEREWARD_CHECKPOINT", "ImageReward.pt"
+    ),
     "imagereward_tokenizer": Source("google-bert/bert-base-uncased", "TDPO_IMAGEREWARD_TOKENIZER"),
     "clipscore_model": Source("openai/clip-vit-large-patch14", "TDPO_CLIPSCORE_MODEL"),
 }
@@ -67,12 +73,16 @@ def resolve_file(name: str, override: str | None = None, field: str = "reward.na
     from the local cache) when no local path is given."""
     value = resolve(name, override)
     if value.startswith("hub:"):
-        repo_file = value[len("hub:"):]
+        repo_file = value[len("hub:") :]
         repo_id, filename = repo_file.rsplit("/", 1)
         return hub_file(repo_id, filename, field, SOURCES[name].env)
     if not os.path.isfile(value):
-        raise UsageError(field, value, f"file not found; set {SOURCES[name].env} to an existing "
-                         f"{SOURCES[name].filename or 'checkpoint'} file")
+        raise UsageError(
+            field,
+            value,
+            f"file not found; set {SOURCES[name].env} to an existing "
+            f"{SOURCES[name].filename or 'checkpoint'} file",
+        )
     return value
 
 
@@ -84,6 +94,14 @@ def hub_file(repo_id: str, filename: str, field: str, env: str) -> str:
         return hf_hub_download(repo_id, filename)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated: all the same fix
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"download failed ({type(exc).__name__})"
-        raise UsageError(field, f"{repo_id}/{filename}", f"not in the local Hugging Face cache and "
-                         f"{why}; download it, or set {env} to a local copy") from None
+        why = (
+            "the Hub is offline (HF_HUB_OFFLINE=1)"
+            if offline
+            else f"download failed ({type(exc).__name__})"
+        )
+        raise UsageError(
+            field,
+            f"{repo_id}/{filename}",
+            f"not in the local Hugging Face cache and "
+            f"{why}; download it, or set {env} to a local copy",
+        ) from None

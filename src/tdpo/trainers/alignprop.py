@@ -24,14 +24,22 @@ def sample_with_grad(
     policy.scheduler.set_timesteps(cfg.num_steps, device=policy.device)
     timesteps = policy.scheduler.timesteps
     prompt_embeds, pooled = policy.encode_prompts(prompts)
-    negative, negative_pooled = policy.negative_embeds(len(prompts)) if policy.use_cfg else (None, None)
+    negative, negative_pooled = (
+        policy.negative_embeds(len(prompts)) if policy.use_cfg else (None, None)
+    )
     noise = noise.to(policy.device, torch.float32)
     latents = noise[:, 0] * policy.scheduler.init_noise_sigma
     first_grad = len(timesteps) - grad_steps
     for k, t in enumerate(timesteps):
         with torch.set_grad_enabled(k >= first_grad):
             pred = policy.predict_noise(
-                unet, latents, t, prompt_embeds, negative, cfg.guidance_scale, pooled,
+                unet,
+                latents,
+                t,
+                prompt_embeds,
+                negative,
+                cfg.guidance_scale,
+                pooled,
                 negative_pooled,
             )
             step = ddim_step_logprob(
