@@ -1,4 +1,4 @@
-"""Tensors to PIL images, and captioned sample grids written atomically as PNG."""
+"""Float images to bytes and PIL images, and captioned sample grids written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -18,11 +18,23 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (any shape, any device) as uint8 in [0, 255], same shape and
+    device: clamped to [0, 1], times 255, rounded to the nearest integer (halves to even)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_uint8`: uint8 images as float32 in [0, 1] (divided by 255);
+    float images are returned as float32, unchanged."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A [3,H,W] (or [1,H,W]) float tensor in [0, 1] as an RGB PIL image; values are clamped."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"expected an image tensor [3,H,W], got shape {tuple(image.shape)}")
-    array = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
+    array = to_uint8(image.cpu())
     if array.shape[0] == 1:
         array = array.expand(3, -1, -1)
     return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())

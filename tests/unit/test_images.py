@@ -1,4 +1,4 @@
-"""Images: tensor to PIL, and captioned grids."""
+"""Images: float to bytes and back, tensor to PIL, and captioned grids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from tdpo.images import _PAD, save_grid, to_pil
+from tdpo.images import _PAD, save_grid, to_float, to_pil, to_uint8
+
+
+def test_to_uint8_clamps_and_rounds_and_to_float_inverts_it() -> None:
+    images = torch.tensor([[-0.5, 0.0, 0.5 / 255, 1.5 / 255, 0.5, 1.0, 2.0]])
+    out = to_uint8(images.requires_grad_())
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert out[0].tolist() == [0, 0, 0, 2, 128, 255, 255]  # round half to even
+    assert torch.equal(to_uint8(to_float(out)), out)
+    assert to_float(out).dtype == torch.float32 and to_float(out).max() <= 1.0
+    half = torch.tensor([0.25], dtype=torch.float16)
+    assert to_float(half).dtype == torch.float32 and to_float(half).item() == 0.25
 
 
 def test_to_pil_maps_unit_range_to_bytes() -> None:
