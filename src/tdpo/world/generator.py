@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: listing prompts loads nothing heavy
-    import numpy as np
     import torch
 
 
@@ -155,7 +154,7 @@ def shape_sdf(
 ) -> torch.Tensor:
     """Signed distance (negative inside, in the units of x, y) to a shape of equivalent radius
     ``r`` centred at the origin (the triangle at its centroid, pointing up). Broadcasts."""
-    import torch
+    import torch  # deferred: the CLI lists and checks prompts without loading torch
 
     if shape == "circle":
         return torch.sqrt(x * x + y * y + 1e-12) - r
@@ -183,7 +182,7 @@ def shape_sdf(
 def pixel_grid(size: int = IMAGE_SIZE, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-centre coordinates (x, y) [size*ss, size*ss] in units of output pixels, with
     the image centre at size / 2."""
-    import torch
+    import torch  # deferred: the CLI lists and checks prompts without loading torch
 
     n = size * supersample
     c = (torch.arange(n, dtype=torch.float32) + 0.5) / supersample
@@ -212,7 +211,7 @@ def render_batch(attrs: list[Attributes], seed: int = 0) -> torch.Tensor:
     """Images [B, 3, 32, 32] float32 in [0, 1], deterministic in (attrs, seed)."""
     # Tiny tensor ops: intra-op threads only add synchronisation (40x slower when the cores
     # are oversubscribed), so render single-threaded.
-    import torch
+    import torch  # deferred: the CLI lists and checks prompts without loading torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -223,7 +222,7 @@ def render_batch(attrs: list[Attributes], seed: int = 0) -> torch.Tensor:
 
 
 def _render_batch(attrs: list[Attributes], seed: int) -> torch.Tensor:
-    import torch
+    import torch  # deferred: the CLI lists and checks prompts without loading torch
 
     gen = torch.Generator().manual_seed(seed)
     x, y = pixel_grid(IMAGE_SIZE, SUPERSAMPLE)
@@ -250,8 +249,3 @@ def generate(
     attrs = [sample_attributes(rng, rng.choice(pool)) for _ in range(n)]
     images = render_batch(attrs, seed=seed)
     return images, [a.prompt for a in attrs], attrs
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] in [0,1] -> uint8 [B,H,W,3] (for saving grids)."""
-    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
