@@ -17,6 +17,7 @@ __all__ = [
     "PerPromptStatTracker",
     "explained_variance",
     "normalize_advantages",
+    "pearson",
     "returns_from_rewards",
     "temporal_advantages",
 ]
@@ -177,3 +178,12 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
     if var_y == 0 or math.isnan(var_y):
         return float("nan")
     return 1.0 - (y - p).var(correction=0).item() / var_y
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of ``a`` and ``b`` over all elements, in float64; 0 when either is
+    constant."""
+    a = a.double().flatten() - a.double().mean()
+    b = b.double().flatten() - b.double().mean()
+    d = (a.norm() * b.norm()).item()
+    return float((a @ b).item() / d) if d > 0 else 0.0

@@ -9,12 +9,15 @@ from typing import Any
 
 import torch
 
+from tdpo.algos.advantages import pearson
+from tdpo.images import to_float
 from tdpo.world import DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_STEPS, gold
 from tdpo.world import generator as gen
+from tdpo.world.rewards import GOLD_FOR, LEARNED, ClipFeatures, load_learned_reward
 
 
 def load_pipeline(path: str | Path):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # deferred: diffusers takes seconds to import
 
     pipe = StableDiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
@@ -63,13 +66,6 @@ def gold_summary(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     return {k: round(float(v.mean()), 4) for k, v in ev.items()}
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double().flatten() - a.double().mean()
-    b = b.double().flatten() - b.double().mean()
-    d = (a.norm() * b.norm()).item()
-    return float((a @ b).item() / d) if d > 0 else 0.0
-
-
 @torch.no_grad()
 def clip_retrieval(features, n: int = 1200, seed: int = 12345) -> dict[str, float]:
     """Image -> caption top-1 accuracy over all the world's prompts, on fresh generator images."""
@@ -108,8 +104,6 @@ def reward_correlations(
     rewards: dict[str, Any], sets: dict[str, tuple[torch.Tensor, list[str]]]
 ) -> dict[str, dict[str, float]]:
     """Pearson correlation of each learned reward with the gold metric it stands for."""
-    from tdpo.world.rewards import GOLD_FOR
-
     out: dict[str, dict[str, float]] = {}
     for set_name, (images, prompts) in sets.items():
         ev = gold.evaluate(images, prompts)
@@ -140,8 +134,6 @@ def evaluate_world(
     ``samples`` (as cached by pre-training: ``eval_seen``, ``eval_unseen``, ``clean``, each with
     uint8 ``images`` and ``prompts``) avoids re-sampling; otherwise ``n`` base samples of seen
     and of unseen prompts are drawn with the default sampler settings."""
-    from tdpo.world.rewards import LEARNED, ClipFeatures, load_learned_reward
-
     root = Path(weights_dir)
     if samples is None:
         pipe = load_pipeline(root / "pipeline")
@@ -155,16 +147,13 @@ def evaluate_world(
         imgs, prompts, _ = gen.generate(n, seed=seed + 404)
         samples["clean"] = {"images": imgs, "prompts": prompts}
 
-    def as_float(x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
     sets = {
-        "base_seen": (as_float(samples["eval_seen"]["images"]), samples["eval_seen"]["prompts"]),
+        "base_seen": (to_float(samples["eval_seen"]["images"]), samples["eval_seen"]["prompts"]),
         "base_unseen": (
-            as_float(samples["eval_unseen"]["images"]),
+            to_float(samples["eval_unseen"]["images"]),
             samples["eval_unseen"]["prompts"],
         ),
-        "clean": (as_float(samples["clean"]["images"]), samples["clean"]["prompts"]),
+        "clean": (to_float(samples["clean"]["images"]), samples["clean"]["prompts"]),
     }
     report: dict[str, Any] = {
         "sampler": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "eta": DEFAULT_ETA},
@@ -200,8 +189,6 @@ def pixel_hack(
     parameterization, Adam) against ``reward``, starting from ``images``. Returns the reward
     and the gold figures before and after. A learned reward that rises while gold falls is
     hackable off the base distribution, as real reward models are."""
-    from tdpo.world.rewards import GOLD_FOR
-
     z = torch.logit(images.float().clamp(0.02, 0.98)).clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     meta = [{} for _ in prompts]
