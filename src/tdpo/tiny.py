@@ -45,7 +45,7 @@ TINY_WORDS = [
 
 def write_word_tokenizer(directory: Path, words: list[str], max_length: int = 16):
     """A ``CLIPTokenizer`` whose BPE merges turn each of ``words`` into one token."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: seconds to import
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,8 +79,9 @@ def write_word_tokenizer(directory: Path, words: list[str], max_length: int = 16
 
 
 def sd_ddim_scheduler():
-    """DDIM with Stable Diffusion 1.x's (and SDXL's) training noise schedule."""
-    from diffusers import DDIMScheduler
+    """DDIM with Stable Diffusion 1.x's (and SDXL's) training noise schedule (the shapes world's
+    too)."""
+    from diffusers import DDIMScheduler  # deferred: seconds to import
 
     return DDIMScheduler(
         beta_start=0.00085,
@@ -95,7 +96,7 @@ def sd_ddim_scheduler():
 def assemble_pipeline(unet, vae, text_encoder, tokenizer):
     """A ``StableDiffusionPipeline`` of these components with Stable Diffusion 1.x's DDIM
     schedule and no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # deferred: seconds to import
 
     return StableDiffusionPipeline(
         vae=vae,
@@ -110,7 +111,7 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
 
 
 def _tiny_unet(cross_attention_dim: int, **extra):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import
 
     return UNet2DConditionModel(
         sample_size=8,
@@ -128,7 +129,7 @@ def _tiny_unet(cross_attention_dim: int, **extra):
 
 
 def _tiny_vae():
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: seconds to import
 
     return AutoencoderKL(
         in_channels=3,
@@ -144,7 +145,7 @@ def _tiny_vae():
 
 
 def _tiny_text_config(tokenizer, hidden_size: int, **extra):
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig  # deferred: seconds to import
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -170,7 +171,7 @@ def _save(pipe, directory: str | Path):
 
 def build_tiny_pipeline(directory: str | Path, seed: int = 0, cross_attention_dim: int = 32):
     """Save a tiny random ``StableDiffusionPipeline`` (about 0.5 M parameters) to ``directory``."""
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel  # deferred: seconds to import
 
     torch.manual_seed(seed)
     unet = _tiny_unet(cross_attention_dim)
@@ -184,6 +185,7 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
     """Save a tiny random ``StableDiffusionXLPipeline`` to ``directory``: SDXL's structure at toy
     size (two text encoders whose penultimate states are concatenated, 16 + 16 = 32 wide; the
     UNet's ``text_time`` added conditions from the pooled projection and six time ids)."""
+    # deferred: diffusers and transformers take seconds to import
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -213,7 +215,7 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0):
 
 def build_tiny_clip(directory: str | Path, image_size: int = 16, seed: int = 0) -> Path:
     """Save a tiny random CLIP vision tower with projection and its image processor."""
-    from transformers import (
+    from transformers import (  # deferred: transformers takes seconds to import
         CLIPImageProcessor,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,

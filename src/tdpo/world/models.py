@@ -1,7 +1,8 @@
 """Builders for the shapes world's models: tokenizer, VAE, UNet, text encoder, tiny CLIP.
 
-Configurations are plain dicts so the sizes are visible in one place. Heavy imports happen
-inside the functions.
+Configurations are plain dicts so the sizes are visible in one place (the noise schedule is
+Stable Diffusion 1.x's: :func:`tdpo.tiny.sd_ddim_scheduler`). Heavy imports happen inside the
+functions.
 """
 
 from __future__ import annotations
@@ -58,17 +59,6 @@ VISION_CONFIG: dict[str, Any] = {
     "image_size": 32,
     "patch_size": 4,
     "projection_dim": EMBED_DIM,
-}
-
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
 }
 
 
@@ -145,7 +135,7 @@ def write_tokenizer_files(directory: str | Path) -> Path:
 
 def build_tokenizer(directory: str | Path):
     """A ``CLIPTokenizer`` over the world's words (files written to ``directory``)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: transformers takes seconds to import
 
     directory = write_tokenizer_files(directory)
     vocab = json.loads((directory / "vocab.json").read_text())
@@ -154,53 +144,48 @@ def build_tokenizer(directory: str | Path):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
 
 
-def build_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TEXT_CONFIG,
-    )
-    return CLIPTextModel(cfg)
-
-
-def build_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**VAE_CONFIG)
-
-
-def build_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**UNET_CONFIG)
-
-
-def build_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**SCHEDULER_CONFIG)
-
-
-def build_clip(tokenizer):
-    from transformers import CLIPConfig, CLIPModel
-
-    text = dict(
+def _text_config(tokenizer) -> dict[str, Any]:
+    """:data:`TEXT_CONFIG` with the vocabulary size and special token ids of ``tokenizer``."""
+    return dict(
         TEXT_CONFIG,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    cfg = CLIPConfig(text_config=text, vision_config=dict(VISION_CONFIG), projection_dim=EMBED_DIM)
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel  # deferred: seconds to import
+
+    return CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
+
+
+def build_vae():
+    from diffusers import AutoencoderKL  # deferred: diffusers takes seconds to import
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel  # deferred: diffusers takes seconds to import
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_clip(tokenizer):
+    from transformers import CLIPConfig, CLIPModel  # deferred: seconds to import
+
+    cfg = CLIPConfig(
+        text_config=_text_config(tokenizer),
+        vision_config=dict(VISION_CONFIG),
+        projection_dim=EMBED_DIM,
+    )
     return CLIPModel(cfg)
 
 
 def build_image_processor():
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor  # deferred: seconds to import
 
     return CLIPImageProcessor(
         size={"shortest_edge": 32},

@@ -19,10 +19,11 @@ pipeline in seconds, for tests).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +31,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from tdpo.fileio import atomic_write
+from tdpo.images import to_float, to_uint8
 from tdpo.policy import tokenize
+from tdpo.tiny import assemble_pipeline, sd_ddim_scheduler
 from tdpo.world import generator as gen
-from tdpo.world import models
+from tdpo.world import gold, models
+from tdpo.world.evaluate import (
+    clip_retrieval,
+    evaluate_world,
+    load_pipeline,
+    prompt_draw,
+    sample,
+)
+from tdpo.world.rewards import ClipFeatures, train_learned_rewards
 from tdpo.world.rewards import pooled as _pooled
 
 STAGES = ("data", "vae", "unet", "clip", "rewards", "report")
@@ -57,20 +70,14 @@ def _scaled(n: int, scale: float, minimum: int = 2) -> int:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 def _progress(total: int, initial: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, disable=quiet, mininterval=5.0)
 
 
@@ -133,15 +140,14 @@ def stage_data(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     images, prompts, _ = gen.generate(n, seed=seed)
     nc = _scaled(N_CLIP_IMAGES, scale, 64)
     cimages, cprompts, _ = gen.generate(nc, seed=seed + 1, combos=gen.all_combos())
-    to8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    _atomic_save({"images": to8(images), "prompts": prompts}, out / "data_train.pt")
-    _atomic_save({"images": to8(cimages), "prompts": cprompts}, out / "data_clip.pt")
+    _atomic_save({"images": to_uint8(images), "prompts": prompts}, out / "data_train.pt")
+    _atomic_save({"images": to_uint8(cimages), "prompts": cprompts}, out / "data_clip.pt")
     return {"train_images": n, "clip_images": nc}
 
 
 def _load_images(out: Path, name: str) -> tuple[torch.Tensor, list[str]]:
     d = torch.load(out / name, weights_only=True)
-    return d["images"].float() / 255.0, d["prompts"]
+    return to_float(d["images"]), d["prompts"]
 
 
 def stage_vae(out: Path, scale: float, seed: int, quiet: bool) -> dict:
@@ -195,14 +201,12 @@ def _encode_latents(
 def _copy_bpe_files(src: Path, dst: Path) -> None:
     """transformers 5 saves only tokenizer.json; also ship the generated vocab.json and
     merges.txt (what a slow CLIPTokenizer and older transformers read)."""
-    import shutil
-
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(src / name, dst / name)
 
 
 def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL  # deferred: diffusers takes seconds to import
 
     images, prompts = _load_images(out, "data_train.pt")
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
@@ -214,7 +218,7 @@ def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
     torch.manual_seed(seed)
     unet = models.build_unet()
     text_encoder = models.build_text_encoder(tokenizer)
-    sched = models.build_scheduler()
+    sched = sd_ddim_scheduler()
     acp = sched.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
@@ -250,16 +254,7 @@ def stage_unet(out: Path, scale: float, seed: int, quiet: bool) -> dict:
         quiet,
         UNET_LR,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet.eval(), vae, text_encoder.eval(), tokenizer)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     _copy_bpe_files(out / "tokenizer_src", out / "pipeline" / "tokenizer")
     return {
@@ -284,9 +279,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def stage_clip(out: Path, scale: float, seed: int, quiet: bool) -> dict:
-    from tdpo.world.evaluate import clip_retrieval
-    from tdpo.world.rewards import ClipFeatures
-
     images, prompts = _load_images(out, "data_clip.pt")
     tokenizer = models.build_tokenizer(out / "tokenizer_src")
     all_p = gen.all_prompts()
@@ -335,8 +327,6 @@ def stage_clip(out: Path, scale: float, seed: int, quiet: bool) -> dict:
 
 def _base_samples(out: Path, scale: float, seed: int, quiet: bool) -> dict[str, Any]:
     """Base-model samples for labels and evaluation (cached in OUT/samples.pt)."""
-    from tdpo.world.evaluate import load_pipeline, prompt_draw, sample
-
     path = out / "samples.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -351,23 +341,20 @@ def _base_samples(out: Path, scale: float, seed: int, quiet: bool) -> dict[str, 
         t0 = time.time()
         prompts = prompt_draw(pool, n, s)
         images = sample(pipe, prompts, seed=s)
-        data[name] = {"images": (images * 255).round().to(torch.uint8), "prompts": prompts}
+        data[name] = {"images": to_uint8(images), "prompts": prompts}
         if not quiet:
             print(
                 f"[world] sampled {n} base images ({name}) in {time.time() - t0:.1f} s", flush=True
             )
     imgs, prompts, _ = gen.generate(_scaled(N_CLEAN, scale, 16), seed=seed + 404)
-    data["clean"] = {"images": (imgs * 255).round().to(torch.uint8), "prompts": prompts}
+    data["clean"] = {"images": to_uint8(imgs), "prompts": prompts}
     _atomic_save(data, path)
     return data
 
 
 def stage_rewards(out: Path, scale: float, seed: int, quiet: bool) -> dict:
-    from tdpo.world import gold
-    from tdpo.world.rewards import ClipFeatures, train_learned_rewards
-
     data = _base_samples(out, scale, seed, quiet)
-    images = {k: v["images"].float() / 255 for k, v in data.items()}
+    images = {k: to_float(v["images"]) for k, v in data.items()}
     prompts = {k: v["prompts"] for k, v in data.items()}
     feats = ClipFeatures.from_pretrained(out / "clip")
     info = train_learned_rewards(
@@ -377,8 +364,6 @@ def stage_rewards(out: Path, scale: float, seed: int, quiet: bool) -> dict:
 
 
 def stage_report(out: Path, scale: float, seed: int, quiet: bool) -> dict:
-    from tdpo.world.evaluate import evaluate_world
-
     report = evaluate_world(
         out,
         samples=_base_samples(out, scale, seed, quiet),
@@ -444,8 +429,6 @@ def run_pretrain(
 
 
 if __name__ == "__main__":
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="shapes_world")
     p.add_argument("--steps-scale", type=float, default=1.0)
