@@ -14,9 +14,8 @@ standard deviation over seeds are drawn as a line and a band, the seeds as thin 
 - the critic's dormant and active fractions and explained variance over epochs;
 - the training and evaluation sample grids of the first, middle and last epoch of each run.
 
-The table groups runs by training reward and method (the *method label*: ``run_label`` from the
-config if present, else TDPO-R / TDPO / DDPO-<updates per epoch> / AlignProp from the config) and
-gives the mean and standard deviation over seeds (sample standard deviation, ``ddof=1``; none for
+The table groups runs by training reward and method (the *method label*: TDPO-R / TDPO /
+DDPO-<updates per epoch> / AlignProp, from the config) and gives the mean and standard deviation over seeds (sample standard deviation, ``ddof=1``; none for
 a single run) of:
 
 - **final training reward**: ``reward_mean`` of the last training line;
@@ -55,6 +54,7 @@ import numpy as np
 import yaml
 
 from tdpo.errors import UsageError
+from tdpo.tracking import read_metrics
 
 THRESHOLD_FRACTION = 0.8
 METHOD_ORDER = ("TDPO-R", "TDPO", "DDPO-2", "DDPO-100", "AlignProp")
@@ -104,10 +104,7 @@ def _get(config: dict, dotted: str, default: Any = None) -> Any:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """TDPO-R, TDPO, DDPO-<updates>, AlignProp, or the config's explicit ``run_label``."""
-    explicit = config.get("run_label") or _get(config, "log.run_label")
-    if explicit:
-        return str(explicit)
+    """TDPO-R, TDPO, DDPO-<updates> or AlignProp, from the config."""
     algorithm = str(_get(config, "train.algorithm", "tdpo")).lower()
     if algorithm == "tdpo":
         reset = _get(config, "reset.enabled", False)
@@ -127,8 +124,6 @@ def method_label(config: dict[str, Any]) -> str:
 
 
 def load_run(path: Path) -> Run:
-    from tdpo.tracking import read_metrics
-
     path = Path(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
@@ -457,7 +452,7 @@ def _colours(labels: list[str]) -> dict[str, str]:
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib would slow down `tdpo --help`
 
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)

@@ -136,7 +136,6 @@ def test_bad_input_exits_2(tmp_path, capsys):
         ),
         ({"train": {"algorithm": "ddpo", "updates_per_epoch": 100}}, "DDPO-100"),
         ({"train": {"algorithm": "alignprop"}}, "AlignProp"),
-        ({"run_label": "mine", "train": {"algorithm": "ddpo"}}, "mine"),
     ],
 )
 def test_method_label(config, label):
