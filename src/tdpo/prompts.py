@@ -1,15 +1,14 @@
 """Named prompt sets and a seeded, resumable prompt sampler.
 
 Shipped sets are the text files under ``tdpo/assets/prompts`` (one prompt a line; see
-``NOTICE.md`` there for provenance). Other modules add sets with :func:`register_prompt_set`;
-the shapes world does so in ``tdpo.world.prompts``, which is imported lazily here, the first
-time the list of names is needed.
+``NOTICE.md`` there for provenance). Plug-ins (:mod:`tdpo.plugins`; the shapes world's is
+``tdpo.world.plugin``) add sets with :func:`register_prompt_set`; they are loaded the first time
+a name is looked up that is not a shipped set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -18,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from tdpo.errors import UsageError
-
-# Modules that register prompt sets on import; a missing one is skipped.
-_PLUGIN_MODULES = ("tdpo.world.prompts",)
+from tdpo.plugins import load_plugins
 
 _REGISTRY: dict[str, Callable[[], list[str]]] = {}
 
@@ -36,16 +33,6 @@ def _shipped_sets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.txt"))}
 
 
-def _load_plugins() -> None:
-    for module in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            # Only the plugin module itself may be absent; a broken import inside it must surface.
-            if error.name is None or not (module + ".").startswith(error.name + "."):
-                raise
-
-
 def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
     """Register ``loader() -> prompts`` under ``name`` (called lazily, on load)."""
     if not name or "/" in name or name.endswith(".txt"):
@@ -57,7 +44,7 @@ def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
 
 def available_prompt_sets() -> list[str]:
     """Names of the shipped sets (file stems) and of the registered ones, sorted."""
-    _load_plugins()
+    load_plugins()
     return sorted(set(_shipped_sets()) | set(_REGISTRY))
 
 
@@ -85,7 +72,7 @@ def load_prompts(spec: str | list[str], field: str = "prompts.train") -> list[st
     if spec in shipped:
         prompts = read_prompt_file(shipped[spec])
     else:
-        _load_plugins()
+        load_plugins()
         if spec in _REGISTRY:
             prompts = [str(p) for p in _REGISTRY[spec]()]
         elif _looks_like_path(spec) or Path(spec).expanduser().is_file():

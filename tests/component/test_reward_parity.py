@@ -234,7 +234,7 @@ def _torchvision_eval_transform(images, size):
     importlib.util.find_spec("open_clip") is None, reason="open_clip_torch not installed"
 )
 def test_hpsv2_conversion_matches_open_clip(tmp_path, monkeypatch):
-    from tdpo.rewards import open_clip_hf
+    from tdpo.backbones import open_clip_hf
 
     monkeypatch.setitem(open_clip_hf.KNOWN_ARCHS, "tiny", (10, 4))
     tokenizer, vocab_size = _tiny_tokenizer()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tdpo.backbones.sources import SOURCES, resolve, resolve_file
 from tdpo.errors import UsageError
-from tdpo.rewards import _REGISTRY, register_reward
-from tdpo.rewards.combine import build_reward_spec, build_weighted_reward, parse_reward_spec
-from tdpo.rewards.sources import SOURCES, resolve, resolve_file
+from tdpo.rewards import _REGISTRY, build_reward, build_weighted_reward, register_reward
+from tdpo.rewards.combine import parse_reward_spec
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def toy_rewards():
 
 
 def test_weighted_sum_of_rewards_is_differentiable(toy_rewards):
-    reward = build_reward_spec("_toy_one:0.5,_toy_two:-1")
+    reward = build_reward("_toy_one:0.5,_toy_two:-1")
     assert reward.terms == [("_toy_one", 0.5), ("_toy_two", -1.0)]
     images = torch.rand(3, 3, 8, 8, requires_grad=True)
     values, info = reward(images, ["a"] * 3, [{}] * 3)
@@ -67,9 +67,34 @@ def test_single_unit_term_is_returned_unwrapped(toy_rewards):
     assert not hasattr(reward, "terms")
 
 
+def test_check_factory_modules_finds_modules_without_importing_them():
+    import sys
+
+    from tdpo.rewards import check_factory_modules
+
+    sys.modules.pop("tests.rewards_for_tests", None)
+    check_factory_modules("jpeg_compressibility:1,tests.rewards_for_tests:brightness:0.5")
+    check_factory_modules("no_such_reward")  # names are left to check_reward_name
+    assert "tests.rewards_for_tests" not in sys.modules
+    with pytest.raises(UsageError, match="cannot find the module no_such_pkg.mod") as info:
+        check_factory_modules("aesthetic,no_such_pkg.mod:make:0.5", "reward.panel[0]")
+    assert info.value.field == "reward.panel[0]"
+
+
+def test_check_reward_name_checks_every_term():
+    from tdpo.rewards import check_reward_name
+
+    check_reward_name("jpeg_compressibility:0.5,tests.rewards_for_tests:brightness")
+    with pytest.raises(UsageError, match="unknown reward") as info:
+        check_reward_name("jpeg_compressibility,no_such_reward:2", "eval.rewards[1]")
+    assert info.value.field == "eval.rewards[1]" and "no_such_reward" in str(info.value)
+    with pytest.raises(UsageError, match="name a reward"):
+        check_reward_name(" ")
+
+
 def test_unknown_term_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown reward"):
-        build_reward_spec("no_such_reward:1.0")
+        build_reward("no_such_reward:1.0")
 
 
 def test_sources_resolve_override_then_env_then_default(monkeypatch, tmp_path):

@@ -104,3 +104,37 @@ def test_eval_prompt_subsets_spread_over_the_set():
     assert len(seen) == 16 and len(set(seen)) == 16
     # The shapes set is sorted by shape: the first 16 are all circles, a spread subset is not.
     assert {s.split()[3] for s in seen} == {"circle", "square", "triangle", "cross"}
+
+
+def test_a_missing_plugin_is_skipped_and_a_broken_one_surfaces(monkeypatch, tmp_path):
+    from tdpo import plugins
+
+    monkeypatch.setattr(plugins, "PLUGINS", ("tdpo_no_such_plugin", "tdpo.no_such_plugin"))
+    plugins.load_plugins()
+    (tmp_path / "tdpo_broken_plugin.py").write_text("import tdpo_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "PLUGINS", ("tdpo_broken_plugin",))
+    with pytest.raises(ModuleNotFoundError, match="tdpo_no_such_dependency"):
+        load_prompts("no_such_set")
+    (tmp_path / "tdpo_failing_plugin.py").write_text("raise RuntimeError('plugin bug')\n")
+    monkeypatch.setattr(plugins, "PLUGINS", ("tdpo_failing_plugin",))
+    with pytest.raises(RuntimeError, match="plugin bug"):
+        available_prompt_sets()
+
+
+def test_listing_prompt_sets_and_reward_names_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tdpo.prompts import available_prompt_sets, load_prompts\n"
+        "from tdpo.rewards.spec import check_factory_modules, parse_reward_spec\n"
+        "assert 'shapes' in available_prompt_sets() and load_prompts('shapes_unseen')\n"
+        "check_factory_modules('jpeg_compressibility:1,tests.rewards_for_tests:brightness:0.5')\n"
+        "assert parse_reward_spec('shapes_gold:2') == [('shapes_gold', 2.0)]\n"
+        "heavy = [m for m in ('torch', 'tdpo.world.rewards') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)

@@ -6,73 +6,63 @@ A reward is a callable ``reward(images, prompts, metadata) -> (rewards, info)`` 
 ``info`` a dict of extra per-batch values for logging.
 
 Rewards are built by name from a registry (``build_reward("jpeg_compressibility")``), or from
-a dotted path ``package.module:factory`` naming a user factory. Building a reward by dotted path
-imports and runs user code: only use paths you trust.
+a dotted path ``package.module:factory`` naming a user factory, or as a weighted sum of those
+(``"pickscore:1.0,aesthetic:0.5"``, parsed by :mod:`tdpo.rewards.spec`). Building a reward by
+dotted path imports and runs user code: only use paths you trust.
 
 A factory is called as ``factory(device=torch.device)`` and returns the reward callable.
 Heavy imports belong inside factories, so that listing or validating names loads nothing.
+The registered names are this package's own (:mod:`tdpo.rewards.builtin`,
+:mod:`tdpo.rewards.hub`) and those of the plug-ins (:mod:`tdpo.plugins`), which register theirs
+with :func:`register_reward`. Importing this package imports neither torch nor a plug-in.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING
 
 from tdpo.errors import UsageError
+from tdpo.plugins import load_plugins
+from tdpo.rewards.combine import weighted_sum
+from tdpo.rewards.registry import _REGISTRY, Reward, RewardFactory, register_reward
+from tdpo.rewards.spec import check_factory_modules, is_dotted_path, is_weighted, parse_reward_spec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Reward",
+    "RewardFactory",
+    "available_rewards",
+    "build_reward",
+    "build_weighted_reward",
+    "check_factory_modules",
+    "check_reward_name",
+    "is_dotted_path",
+    "parse_reward_spec",
+    "register_reward",
+]
 
 
-class Reward(Protocol):
-    def __call__(
-        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
-    ) -> tuple[torch.Tensor, dict[str, Any]]: ...
-
-
-RewardFactory = Callable[..., Reward]
-
-_REGISTRY: dict[str, RewardFactory] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator: register ``factory(device) -> Reward`` under ``name``."""
-
-    def decorator(factory: RewardFactory) -> RewardFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def _load_builtin_modules() -> None:
-    # Importing these modules registers their factories; their heavy imports stay deferred.
+def _load_reward_modules() -> None:
+    # deferred: importing them registers their factories, and they import torch; spec checks
+    # (check_factory_modules, before a run starts) stay torch-free.
     from tdpo.rewards import builtin, hub  # noqa: F401
-    from tdpo.world import rewards as _world_rewards  # noqa: F401
+
+    load_plugins()
 
 
 def available_rewards() -> list[str]:
-    _load_builtin_modules()
+    _load_reward_modules()
     return sorted(_REGISTRY)
-
-
-def is_dotted_path(spec: str) -> bool:
-    return ":" in spec and "." in spec.split(":", 1)[0]
-
-
-def _is_weighted(spec: str, field: str) -> bool:
-    from tdpo.rewards.combine import parse_reward_spec
-
-    return "," in spec or parse_reward_spec(spec, field) != [(spec, 1.0)]
 
 
 def check_reward_name(spec: str, field: str = "reward.name") -> None:
     """Validate a reward name or weighted spec ``a:1.0,b:0.5`` without building it (no loads)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(field, spec, "name a reward, e.g. jpeg_compressibility")
-    if _is_weighted(spec, field):
-        from tdpo.rewards.combine import parse_reward_spec
-
+    if is_weighted(spec, field):
         for name, _ in parse_reward_spec(spec, field):
             check_reward_name(name, field)
         return
@@ -93,11 +83,11 @@ def build_reward(
 ) -> Reward:
     """Build a reward from a registered name, a ``package.module:factory`` path, or a weighted
     sum of those such as ``"pickscore:1.0,aesthetic:0.5"``."""
-    device = torch.device(device)
-    if _is_weighted(spec, field):
-        from tdpo.rewards.combine import build_reward_spec
+    import torch  # deferred: checking and parsing names stays torch-free
 
-        return build_reward_spec(spec, device, field)
+    device = torch.device(device)
+    if is_weighted(spec, field):
+        return build_weighted_reward(parse_reward_spec(spec, field), device, field)
     if is_dotted_path(spec):
         module_name, attr = spec.split(":", 1)
         try:
@@ -107,3 +97,16 @@ def build_reward(
         return factory(device=device)
     check_reward_name(spec, field)
     return _REGISTRY[spec](device=device)
+
+
+def build_weighted_reward(
+    terms: list[tuple[str, float]], device: torch.device | str = "cpu", field: str = "reward.name"
+) -> Reward:
+    """One reward from weighted terms ``[(name, weight), ...]``; a single term of weight 1 is
+    returned unwrapped."""
+    if not terms:
+        raise UsageError(field, terms, "no reward terms")
+    built = [(name, weight, build_reward(name, device, field)) for name, weight in terms]
+    if len(built) == 1 and built[0][1] == 1.0:
+        return built[0][2]
+    return weighted_sum(built)

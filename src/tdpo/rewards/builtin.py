@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tdpo.rewards import register_reward
+from tdpo.rewards.registry import register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:

@@ -10,7 +10,7 @@ Each factory is ``factory(device=None, dtype=None, **overrides)`` and returns a
 - ``reward.reference(images, prompts)`` scores through the model's own image processor
   (uint8 PIL images), for parity checks.
 - Model locations: keyword overrides, else environment variables, else Hub ids
-  (``tdpo.rewards.sources``); see ``docs/rewards.md``.
+  (``tdpo.backbones.sources``); see ``docs/rewards.md``.
 - ``dtype`` defaults to float16 on CUDA and float32 elsewhere.
 """
 
@@ -24,10 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdpo.backbones import (
+    PreprocessConfig,
+    load_clip_preprocess,
+    load_hf_clip_embedder,
+    preprocess_config_from_processor,
+    preprocess_images,
+)
+from tdpo.backbones.open_clip_hf import load_open_clip_as_hf
+from tdpo.backbones.sources import hub_error_fix, is_local, resolve, resolve_file
 from tdpo.errors import UsageError
-from tdpo.rewards import register_reward
-from tdpo.rewards.imagereward_hf import MLPHead
-from tdpo.rewards.sources import resolve, resolve_file
+from tdpo.rewards.imagereward_hf import (
+    MAX_PROMPT_TOKENS,
+    MLPHead,
+    imagereward_pil_transform,
+    load_imagereward_model,
+)
+from tdpo.rewards.registry import register_reward
 
 FIELD = "reward.name"
 
@@ -94,8 +107,6 @@ class CLIPScorer(nn.Module):
         return self.model.logit_scale.dtype
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        from tdpo.backbones import preprocess_images
-
         return preprocess_images(images.to(self.device), self.preprocess_config)
 
     def processor_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,12 +138,11 @@ class CLIPScorer(nn.Module):
 
 
 def _load_clip_model(spec: str, device, dtype, field: str):
+    # deferred: transformers takes seconds to import; names are checked without it
     from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
 
-    from tdpo.backbones import _is_local, hub_error_fix
-
-    if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
+    if is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise UsageError(
             field, spec, "the path does not exist; give a CLIP model folder or a Hub id"
         )
@@ -148,9 +158,7 @@ def _load_clip_model(spec: str, device, dtype, field: str):
 
 
 def _load_tokenizer(spec: str, field: str):
-    from transformers import AutoTokenizer
-
-    from tdpo.backbones import hub_error_fix
+    from transformers import AutoTokenizer  # deferred: slow to import
 
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(spec))
@@ -159,6 +167,7 @@ def _load_tokenizer(spec: str, field: str):
 
 
 def _load_image_processor(spec: str):
+    # deferred: transformers takes seconds to import; names are checked without it
     from transformers import CLIPImageProcessor
     from transformers.utils import logging as hf_logging
 
@@ -175,8 +184,6 @@ def _load_image_processor(spec: str):
 def load_hf_clip_scorer(
     model_spec: str, processor_spec: str | None, device, dtype, field: str = FIELD
 ) -> CLIPScorer:
-    from tdpo.backbones import load_clip_preprocess, preprocess_config_from_processor
-
     model = _load_clip_model(model_spec, device, dtype, field)
     tokenizer = None
     for spec in [processor_spec, model_spec] if processor_spec else [model_spec]:
@@ -250,8 +257,6 @@ def hpsv2(
     arch: str = "ViT-H-14",
 ):
     """HPS v2.1: cos(image, text) of the HPSv2-fine-tuned open_clip ViT-H-14 (about 0.2-0.35)."""
-    from tdpo.rewards.open_clip_hf import load_open_clip_as_hf
-
     device, dtype = _device_dtype(device, dtype)
     path = resolve_file("hpsv2_checkpoint", checkpoint, FIELD)
     model, preprocess = load_open_clip_as_hf(arch, path, device, dtype, FIELD)
@@ -319,8 +324,6 @@ class AestheticReward(HubReward):
 def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None = None):
     """LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14
     L2-normalized image embeddings: about 1-10, SD 1.4 images score about 5-6."""
-    from tdpo.backbones import load_hf_clip_embedder
-
     device, dtype = _device_dtype(device, dtype)
     clip_spec = resolve("clip_l14", clip)
     embedder = load_hf_clip_embedder(clip_spec, device, dtype, field_name=FIELD, name="aesthetic")
@@ -337,8 +340,6 @@ def imagereward(
 ):
     """ImageReward-v1.0 (BLIP ViT-L + BERT with cross-attention + MLP) run as transformers BLIP
     modules, standardized with its published mean/std (mostly -2..2)."""
-    from tdpo.rewards.imagereward_hf import load_imagereward_model
-
     device, dtype = _device_dtype(device, dtype)
     path = resolve_file("imagereward_checkpoint", checkpoint, FIELD)
     model = load_imagereward_model(path, device, dtype, FIELD)
@@ -355,8 +356,6 @@ class ImageRewardReward(HubReward):
 
     def __init__(self, model, tokenizer):
         super().__init__()
-        from tdpo.backbones import PreprocessConfig
-
         self.model, self.tokenizer = model, tokenizer
         size = model.image_size
         self.preprocess_config = PreprocessConfig(
@@ -364,8 +363,6 @@ class ImageRewardReward(HubReward):
         )
 
     def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from tdpo.rewards.imagereward_hf import MAX_PROMPT_TOKENS
-
         device = next(self.model.parameters()).device
         text = self.tokenizer(
             prompts,
@@ -379,8 +376,6 @@ class ImageRewardReward(HubReward):
         )
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        from tdpo.backbones import preprocess_images
-
         return preprocess_images(images, self.preprocess_config)
 
     def score(self, images, prompts):
@@ -388,6 +383,4 @@ class ImageRewardReward(HubReward):
 
     @torch.no_grad()
     def reference(self, images, prompts):
-        from tdpo.rewards.imagereward_hf import imagereward_pil_transform
-
         return self._score_pixels(imagereward_pil_transform(images, self.model.image_size), prompts)

@@ -22,8 +22,10 @@ import re
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from tdpo.backbones.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from tdpo.errors import UsageError
 
 IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward.py: self.mean
@@ -63,7 +65,7 @@ def _count_layers(keys, pattern: str) -> int:
 
 def blip_configs(state: dict[str, torch.Tensor]):
     """``(BlipVisionConfig, BlipTextConfig)`` read off an ImageReward state dict's shapes."""
-    from transformers import BlipTextConfig, BlipVisionConfig
+    from transformers import BlipTextConfig, BlipVisionConfig  # deferred: slow to import
 
     v = lambda k: state[VISION_PREFIX + k]  # noqa: E731
     t = lambda k: state[TEXT_PREFIX + k]  # noqa: E731
@@ -125,7 +127,7 @@ class ImageRewardModel(nn.Module):
 
     def __init__(self, vision_config, text_config):
         super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
+        from transformers import BlipTextModel, BlipVisionModel  # deferred: slow to import
 
         self.vision = BlipVisionModel(vision_config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
@@ -206,10 +208,6 @@ def load_imagereward_model(path: str, device, dtype, field: str) -> ImageRewardM
 def imagereward_pil_transform(images: torch.Tensor, size: int) -> torch.Tensor:
     """ImageReward's own preprocessing on uint8 PIL images: torchvision ``Resize(size, BICUBIC)``
     (PIL's bicubic), ``CenterCrop(size)`` (rounded offsets), ``ToTensor``, OpenAI mean/std."""
-    from PIL import Image
-
-    from tdpo.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
     out = []
     arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     for array in arrays.cpu().numpy():

@@ -5,12 +5,16 @@ fine-tune on two CPU cores (see ``docs/shapes_world.md``).
 - :mod:`tdpo.world.gold`       analytic gold metrics (alignment, aesthetic, gold)
 - :mod:`tdpo.world.models`     model configurations and builders (tokenizer, VAE, UNet, CLIP)
 - :mod:`tdpo.world.pretrain`   the staged, resumable pre-training
-- :mod:`tdpo.world.rewards`    learned and analytic rewards, registered by name
+- :mod:`tdpo.world.rewards`    learned and analytic rewards
+- :mod:`tdpo.world.plugin`     registers the prompt sets and the rewards by name (a plug-in,
+                               :mod:`tdpo.plugins`)
 - :mod:`tdpo.world.cli`        the ``tdpo world pretrain | evaluate`` commands
 
-Importing this package is cheap: it registers the prompt sets ``shapes`` (seen prompts, the
-training set) and ``shapes_unseen`` and loads no model. The shipped weights are diffusers /
-transformers directories under :data:`WEIGHTS_DIR`::
+Importing this package is cheap: it loads no model and imports nothing. The prompt sets
+``shapes`` (seen prompts, the training set), ``shapes_unseen`` and ``shapes_all``, and the rewards
+:data:`GOLD_REWARDS` and :data:`LEARNED_REWARDS`, are known to :mod:`tdpo.prompts` and
+:mod:`tdpo.rewards` through the plug-in. The shipped weights are diffusers / transformers
+directories under :data:`WEIGHTS_DIR`::
 
     from diffusers import StableDiffusionPipeline
     from tdpo.world import PIPELINE_DIR, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_ETA
@@ -33,13 +37,22 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_ETA = 1.0
 
-from tdpo.world import prompts as _prompts  # noqa: E402,F401  (registers the prompt sets)
+# The world's rewards, by registered name: analytic gold metrics (name -> gold.evaluate key) and
+# learned rewards (weights under REWARDS_DIR). See tdpo.world.rewards.
+GOLD_REWARDS = {
+    "shapes_gold_alignment": "alignment",
+    "shapes_gold_aesthetic": "aesthetic",
+    "shapes_gold": "gold",
+}
+LEARNED_REWARDS = ("shapes_aesthetic", "shapes_pickscore", "shapes_hps", "shapes_imagereward")
 
 __all__ = [
     "CLIP_DIR",
     "DEFAULT_ETA",
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
+    "GOLD_REWARDS",
+    "LEARNED_REWARDS",
     "PIPELINE_DIR",
     "REWARDS_DIR",
     "WEIGHTS_DIR",

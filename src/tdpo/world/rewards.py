@@ -1,4 +1,5 @@
-"""Rewards of the shapes world, registered by name with :mod:`tdpo.rewards`.
+"""Rewards of the shapes world (registered by name with :mod:`tdpo.rewards` by the world's
+plug-in, :mod:`tdpo.world.plugin`, which calls :func:`build_world_reward`).
 
 Analytic (the gold metrics of :mod:`tdpo.world.gold`, for evaluation and as oracles):
 
@@ -22,7 +23,8 @@ correlations with gold are in ``docs/shapes_world.md`` and in each reward's json
   regressing noisy 1-to-7 ratings of gold (alignment and aesthetic together).
 
 All are differentiable in the images: the CLIP preprocessing (resize to 32x32, normalize) is
-done in torch. Importing this module loads no weights; factories do.
+done in torch (:func:`tdpo.backbones.preprocess_images`). Importing this module loads no weights;
+:func:`build_world_reward` and :func:`load_learned_reward` do.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tdpo.rewards import register_reward
+from tdpo.backbones.preprocess import PreprocessConfig, preprocess_images
+from tdpo.world import GOLD_REWARDS, LEARNED_REWARDS, WEIGHTS_DIR, gold
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-LEARNED = ("shapes_aesthetic", "shapes_pickscore", "shapes_hps", "shapes_imagereward")
+LEARNED = LEARNED_REWARDS
 GOLD_FOR = {
     "shapes_aesthetic": "aesthetic",
     "shapes_pickscore": "gold",
@@ -64,29 +66,26 @@ class ClipFeatures(nn.Module):
         self.clip = clip.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.preprocess_config = PreprocessConfig(
+            resize=("exact", (image_size, image_size)), crop=None, interpolation="bilinear"
+        )
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> ClipFeatures:
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import CLIPModel, CLIPTokenizer  # deferred: slow to import
 
         clip = CLIPModel.from_pretrained(path)
         tok = CLIPTokenizer.from_pretrained(path)
         return cls(clip, tok, clip.config.vision_config.image_size).to(device)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().clamp(0, 1)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = nn.functional.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
-        return (x - self.mean) / self.std
+        """[B,3,H,W] -> CLIP pixel values: clamp to [0, 1], bilinear resize, normalize."""
+        return preprocess_images(images.float().clamp(0, 1), self.preprocess_config)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> L2-normalized [B, D]."""
@@ -104,7 +103,7 @@ class ClipFeatures(nn.Module):
                 max_length=self.tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).to(self.mean.device)
+            ).to(self.device)
             out = pooled(self.clip.get_text_features(input_ids=tok.input_ids))
             out = nn.functional.normalize(out, dim=-1)
             for p, e in zip(missing, out):
@@ -208,7 +207,7 @@ class LearnedReward:
         self.scale = float(config.get("scale", 1.0))
 
     def raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        dev = self.features.mean.device
+        dev = self.features.device
         images = images.to(dev)
         img = self.features.image_embeds(images)
         txt = self.features.text_embeds(list(prompts))
@@ -228,10 +227,6 @@ def load_learned_reward(
     features: ClipFeatures | None = None,
 ) -> LearnedReward:
     """Load ``weights_dir/rewards/<name>.safetensors`` (+ .json) and ``weights_dir/clip``."""
-    from safetensors.torch import load_file
-
-    from tdpo.world import WEIGHTS_DIR
-
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     cfg = json.loads((root / "rewards" / f"{name}.json").read_text())
     head = HEADS[name](**cfg.get("head_kwargs", {}))
@@ -243,8 +238,9 @@ def load_learned_reward(
 # ----------------------------------------------------------------------------- gold rewards
 
 
-def _gold_reward(kind: str):
-    from tdpo.world import gold
+def gold_reward(kind: str):
+    """``kind``: ``alignment`` (straight-through gradient: hard forward, soft backward),
+    ``aesthetic`` (smooth) or ``gold`` (alignment * aesthetic)."""
 
     def reward(images, prompts, metadata=None):
         if kind == "alignment":
@@ -258,35 +254,14 @@ def _gold_reward(kind: str):
     return reward
 
 
-@register_reward("shapes_gold_alignment")
-def _gold_alignment_factory(device: torch.device | str = "cpu"):
-    """Gold alignment (straight-through gradient: hard forward, soft backward)."""
-    return _gold_reward("alignment")
-
-
-@register_reward("shapes_gold_aesthetic")
-def _gold_aesthetic_factory(device: torch.device | str = "cpu"):
-    """Gold aesthetic (smooth)."""
-    return _gold_reward("aesthetic")
-
-
-@register_reward("shapes_gold")
-def _gold_factory(device: torch.device | str = "cpu"):
-    """Gold = alignment * aesthetic (straight-through gradient for the alignment factor)."""
-    return _gold_reward("gold")
-
-
-def _learned_factory(name: str):
-    def factory(device: torch.device | str = "cpu"):
+def build_world_reward(name: str, device: torch.device | str = "cpu"):
+    """The world reward ``name``: a gold metric (:data:`tdpo.world.GOLD_REWARDS`) or a learned
+    reward from the shipped weights (:data:`tdpo.world.LEARNED_REWARDS`)."""
+    if name in GOLD_REWARDS:
+        return gold_reward(GOLD_REWARDS[name])
+    if name in LEARNED_REWARDS:
         return load_learned_reward(name, device=device)
-
-    factory.__name__ = f"{name}_factory"
-    factory.__doc__ = f"Learned reward {name} from the shipped weights."
-    return factory
-
-
-for _name in LEARNED:
-    register_reward(_name)(_learned_factory(_name))
+    raise KeyError(f"{name!r} is not a shapes world reward")
 
 
 # ----------------------------------------------------------------------------- training
@@ -362,8 +337,6 @@ def train_learned_rewards(
 
     ``images`` / ``prompts`` hold ``pool`` (base-model samples of seen prompts) and ``clean``
     (generator images). Labels are noisy functions of gold (see ``LABEL_SPECS``)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     x = torch.cat([images["pool"], images["clean"]])

@@ -1,5 +1,7 @@
 """Where each pretrained model comes from, and how to point it at local copies.
 
+Shared by the backbones and the rewards (``tdpo.rewards.hub``); it lives here, below both.
+
 Every entry has a default (a Hugging Face Hub model id, or a file inside a Hub repository) and
 an environment variable that overrides it with another Hub id or a local path. Factories also
 take keyword overrides, which win over the environment.
@@ -88,15 +90,14 @@ def resolve_file(name: str, override: str | None = None, field: str = "reward.na
 
 def hub_file(repo_id: str, filename: str, field: str, env: str) -> str:
     """``hf_hub_download`` with a one-line UsageError when it is not cached and cannot be fetched."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # deferred: an optional extra, heavy to import
 
     try:
         return hf_hub_download(repo_id, filename)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated: all the same fix
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
         why = (
             "the Hub is offline (HF_HUB_OFFLINE=1)"
-            if offline
+            if hub_offline()
             else f"download failed ({type(exc).__name__})"
         )
         raise UsageError(
@@ -105,3 +106,29 @@ def hub_file(repo_id: str, filename: str, field: str, env: str) -> str:
             f"not in the local Hugging Face cache and "
             f"{why}; download it, or set {env} to a local copy",
         ) from None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` names a local path (it starts with ., / or ~, or exists) and not a Hub id."""
+    return spec.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def hub_error_fix(spec: str, exc: BaseException) -> str:
+    """A one-line fix for a failed ``from_pretrained``/download of ``spec``."""
+    if is_local(spec):
+        if not os.path.exists(os.path.expanduser(spec)):
+            return "the path does not exist; give an existing model folder or a Hub id"
+        return (
+            f"cannot load a model from this path ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        )
+    where = (
+        "the Hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "the Hub could not be reached"
+    )
+    return (
+        f"not found in the local Hugging Face cache and {where}; download it first "
+        "(huggingface-cli download ...) or give a local folder"
+    )

@@ -8,19 +8,16 @@ pooling, EOT pooling on a causal text transformer), so its state dict converts k
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 
 import torch
 
-from tdpo.backbones import (
-    FIELD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    HFCLIPImageEmbedder,
-    PreprocessConfig,
-)
+from tdpo.backbones.embedders import FIELD, HFCLIPImageEmbedder
+from tdpo.backbones.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig
+from tdpo.backbones.sources import hub_file
 from tdpo.errors import UsageError
 
 # (vision head width, text heads) of open_clip architectures; others are read from open_clip's
@@ -40,8 +37,6 @@ def _arch_heads(arch: str) -> tuple[int, int]:
     base = arch.replace("-quickgelu", "")
     if base in KNOWN_ARCHS:
         return KNOWN_ARCHS[base]
-    import importlib.util
-
     spec = importlib.util.find_spec("open_clip")  # locate the configs without importing open_clip
     if spec and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
@@ -72,7 +67,7 @@ def clip_config_from_open_clip(
     text_heads: int,
     quick_gelu: bool = False,
 ):
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # deferred: slow to import
 
     def layers(prefix):
         pattern = re.compile(rf"^{re.escape(prefix)}resblocks\.(\d+)\.")
@@ -176,7 +171,7 @@ def load_open_clip_as_hf(
     arch: str, checkpoint: str, device="cpu", dtype=torch.float32, field_name: str = FIELD
 ):
     """(transformers CLIPModel, PreprocessConfig) from an open_clip checkpoint file."""
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # deferred: slow to import
 
     path = os.path.expanduser(checkpoint)
     if not os.path.isfile(path):
@@ -223,8 +218,6 @@ def load_open_clip_embedder(
     name: str = "",
 ) -> HFCLIPImageEmbedder:
     if checkpoint.startswith("hub:"):
-        from tdpo.rewards.sources import hub_file
-
         repo_id, filename = checkpoint[len("hub:") :].rsplit("/", 1)
         checkpoint = hub_file(repo_id, filename, field_name, "TDPO_HPSV2_CHECKPOINT")
     model, preprocess = load_open_clip_as_hf(arch, checkpoint, device, dtype, field_name)
