@@ -38,7 +38,7 @@ _NAME = re.compile(r"^epoch_(\d{6,})$")
 
 def _allowed_leaves() -> tuple[type, ...]:
     """Leaf types that torch.load(weights_only=True) reads back without custom globals."""
-    import torch
+    import torch  # deferred: manifests are read (resume checks) before torch loads
 
     return (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.Size)
 
@@ -114,7 +114,7 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
     resumed from an earlier point, and would otherwise be picked up by the next resume.
     Leftover ``.tmp-*`` directories (from a crash mid-save) are deleted too.
     """
-    import torch
+    import torch  # deferred: manifests are read (resume checks) before torch loads
 
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
@@ -238,7 +238,7 @@ def load_latest_checkpoint(
     Skipped (corrupt) checkpoints are reported in one line through ``log``. If checkpoints
     exist but none is usable, a :class:`UsageError` is raised rather than silently starting over.
     """
-    import torch
+    import torch  # deferred: manifests are read (resume checks) before torch loads
 
     candidates = list(reversed(list_checkpoints(run_dir)))
     if not candidates:
@@ -305,6 +305,7 @@ def check_resume(run_dir: Path, expected_hash: str, num_processes: int) -> None:
 
 def capture_rng_state() -> dict:
     """Python, numpy, torch CPU and (if available) all CUDA RNG states, weights-only loadable."""
+    # deferred: manifests are read (resume checks) before numpy and torch load
     import numpy as np
     import torch
 
@@ -328,6 +329,7 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     """Restore what :func:`capture_rng_state` captured (CUDA only where present and available)."""
+    # deferred: manifests are read (resume checks) before numpy and torch load
     import numpy as np
     import torch
 

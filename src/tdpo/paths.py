@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from tdpo.errors import UsageError
+from tdpo.world import CLIP_DIR, PIPELINE_DIR
 
 
 def resolve_alias(spec: str) -> str:
     """Names of the shipped shapes world: ``shapes-world`` (the pipeline folder) and
     ``shapes-clip`` (its tiny CLIP); anything else is returned unchanged."""
     if spec in ("shapes-world", "shapes-clip"):
-        from tdpo.world import CLIP_DIR, PIPELINE_DIR
-
         return str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
     return spec
 

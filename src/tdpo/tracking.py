@@ -65,6 +65,7 @@ class RunLogger:
         if wandb:
             self._wandb = _init_wandb(self.run_dir, wandb_project, config)
         if tensorboard:
+            # deferred: torch; tdpo.report imports this module at CLI start-up
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.run_dir))
@@ -106,6 +107,7 @@ class RunLogger:
         if not self.enabled:
             return
         if self._writer is not None:
+            # deferred: tdpo.report imports this module at CLI start-up
             import numpy as np
             from PIL import Image
 
@@ -136,7 +138,7 @@ class RunLogger:
 
 def _init_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
     try:
-        import wandb
+        import wandb  # deferred: optional, and slow to import
     except ImportError:
         raise UsageError(
             "logging.wandb", True, "wandb is not installed; pip install tdpo[wandb]"

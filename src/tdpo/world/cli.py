@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tdpo.world import WEIGHTS_DIR
+
 
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``world`` with ``pretrain`` and ``evaluate`` to an argparse subparsers object."""
@@ -113,7 +115,7 @@ def _print_report(report: dict) -> None:
 
 def run_world(args: argparse.Namespace) -> int:
     """Run ``tdpo world ...``; returns the exit code."""
-    import torch
+    import torch  # deferred: tdpo.cli imports this module at start-up (add_world_parser)
 
     cmd = getattr(args, "world_command", None)
     if cmd is None:
@@ -121,7 +123,7 @@ def run_world(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(max(1, args.threads))
     if cmd == "pretrain":
-        from tdpo.world.pretrain import run_pretrain
+        from tdpo.world.pretrain import run_pretrain  # deferred: imports torch
 
         t0 = time.time()
         run_pretrain(
@@ -140,8 +142,7 @@ def run_world(args: argparse.Namespace) -> int:
             _print_report(json.loads(report_path.read_text()))
         return 0
     if cmd == "evaluate":
-        from tdpo.world import WEIGHTS_DIR
-        from tdpo.world.evaluate import evaluate_world
+        from tdpo.world.evaluate import evaluate_world  # deferred: imports torch
 
         root = Path(args.model) if args.model else WEIGHTS_DIR
         if not (root / "pipeline").is_dir():
