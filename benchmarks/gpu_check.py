@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tdpo.config import ModelConfig, SampleConfig
     from tdpo.policy import DiffusionPolicy, load_pipeline
-    from tdpo.trainers.loop import sample_noise
+    from tdpo.sampling import sample_noise
 
     def autocast():
         return torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
@@ -416,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         policy = DiffusionPolicy(pipe, ModelConfig(pretrained=str(state["pipe_dir"])), sample_cfg)
         policy.to(device)
-        base = pipe.unet.config
-        noise = sample_noise(
-            list(range(samples)), (steps + 1, base.in_channels, base.sample_size, base.sample_size)
-        ).to(device)
+        noise = sample_noise(list(range(samples)), policy.noise_shape).to(device)
 
         def ours():
             with autocast():

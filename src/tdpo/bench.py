@@ -292,12 +292,7 @@ def make_trainer(
         "log.grid_every": 0,
         "checkpoint.every": 10**6,
     }
-    from dataclasses import fields
-
-    from tdpo.config import SampleConfig
-
-    if "prompts_per_epoch" in {f.name for f in fields(SampleConfig)}:
-        overrides["sample.prompts_per_epoch"] = 0  # any prompt mix: timing only
+    overrides["sample.prompts_per_epoch"] = 0  # any prompt mix: timing only
     preset = "ddpo-100"
     if method.startswith("tdpo"):
         preset = "tdpo"
@@ -378,15 +373,13 @@ def bench_sampling(trainer, repeats: int, memory: PeakMemory, log) -> dict[str, 
     """DiffusionPolicy.sample against the pipeline's own __call__, same UNet and settings."""
     import torch
 
-    from tdpo.trainers.loop import sample_noise
+    from tdpo.sampling import sample_noise
 
     cfg, policy = trainer.config, trainer.policy
     pipe = policy.pipe
     batch, T = cfg.sample.batch_size, cfg.sample.num_steps
     prompts = (trainer.prompts * batch)[:batch]
-    base = policy.unet.config
-    shape = (T + 1, base.in_channels, base.sample_size, base.sample_size)
-    noise = sample_noise(list(range(batch)), shape).to(trainer.device)
+    noise = sample_noise(list(range(batch)), policy.noise_shape).to(trainer.device)
 
     def ours():
         with trainer.accelerator.autocast():
@@ -415,7 +408,7 @@ def bench_hotpath(trainer, repeats: int, log) -> dict[str, Any]:
     import torch
 
     from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
-    from tdpo.trainers.loop import derive_seed, sample_noise
+    from tdpo.sampling import derive_seed, sample_noise
 
     cfg, policy = trainer.config, trainer.policy
     batch, T = cfg.sample.batch_size, cfg.sample.num_steps
@@ -479,7 +472,7 @@ def bench_hotpath(trainer, repeats: int, log) -> dict[str, Any]:
     out["notes"] = (
         "ratios per call to one guided UNet forward pass at the sampling batch; "
         "DiffusionPolicy.sample makes 2 ddim_step_logprob calls per step and one "
-        "sample_noise call per batch (in Trainer.sample_epoch)"
+        "sample_noise call per batch (in PolicyGradient.sample)"
     )
     return out
 

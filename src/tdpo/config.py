@@ -18,7 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from tdpo.checkpoint import config_hash
 from tdpo.errors import UsageError
+from tdpo.fileio import atomic_write
+from tdpo.methods import ALGORITHMS, get_method
+from tdpo.rundir import CONFIG_FILE
 
 
 def _f(default: Any, help: str) -> Any:
@@ -67,10 +71,11 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["tdpo", "ddpo", "alignprop"] = _f(
+    algorithm: Literal[ALGORITHMS] = _f(
         "tdpo",
-        "tdpo: per-timestep advantages from the temporal critic; ddpo: the final reward; "
-        "alignprop: backpropagate a differentiable reward through the last sampling steps.",
+        "tdpo: per-timestep advantages from the temporal critic (TDPO-R with reset.enabled); "
+        "ddpo: the final reward at every step; alignprop: backpropagate a differentiable reward "
+        "through the last sampling steps (the registry: tdpo.methods).",
     )
     epochs: int = _f(16, "Epochs (sample, then update); the paper: 100.")
     batch_size: int = _f(16, "Training minibatch per process (samples per forward pass).")
@@ -605,12 +610,13 @@ class Schedule:
     minibatches: int  # training minibatches per process (per timestep slice for tdpo)
     updates_per_epoch: int  # optimizer updates per inner epoch
     accumulation: int  # minibatch passes (backward calls) per optimizer update
+    inner_epochs: int = 1  # passes over each epoch's samples
 
 
 def resolve_schedule(config: Config, num_processes: int) -> Schedule:
-    """Keep samples and updates per epoch fixed whatever the process count; check divisibility."""
+    """Keep samples and updates per epoch fixed whatever the process count; check divisibility.
+    The algorithm (tdpo.methods) decides how many updates an epoch makes."""
     s, t = config.sample, config.train
-    T = s.num_steps
     if s.samples_per_epoch % num_processes:
         raise UsageError(
             "sample.samples_per_epoch",
@@ -636,45 +642,32 @@ def resolve_schedule(config: Config, num_processes: int) -> Schedule:
             s.prompts_per_epoch,
             f"must divide sample.samples_per_epoch={s.samples_per_epoch} (or be 0)",
         )
-    if t.algorithm == "alignprop":  # one backward pass per sampling batch
-        batches = per_process // s.batch_size
-        updates = t.updates_per_epoch or batches
-        if batches % updates:
-            raise UsageError(
-                "train.updates_per_epoch",
-                updates,
-                f"alignprop: must divide the {batches} sampling batches per process",
-            )
-        if not 1 <= t.alignprop_steps <= T:
-            raise UsageError(
-                "train.alignprop_steps", t.alignprop_steps, f"must be in [1, sample.num_steps={T}]"
-            )
-        return Schedule(
-            num_processes, per_process, batches, minibatches, updates, batches // updates
-        )
-    updates = t.updates_per_epoch or 2 * T
-    passes = minibatches * T
-    if passes % updates:
-        raise UsageError(
-            "train.updates_per_epoch",
-            updates,
-            f"must divide the {passes} minibatch passes per epoch "
-            f"({minibatches} minibatches x {T} steps)",
-        )
-    if t.algorithm == "tdpo" and updates % T:
-        raise UsageError(
-            "train.updates_per_epoch",
-            updates,
-            f"tdpo updates within timestep slices: use a multiple of "
-            f"sample.num_steps={T} that divides {passes}",
-        )
+    method = get_method(t.algorithm)
+    updates, accumulation, inner_epochs = method.plan_updates(config, per_process, minibatches)
     return Schedule(
         num_processes,
         per_process,
         per_process // s.batch_size,
         minibatches,
         updates,
-        passes // updates,
+        accumulation,
+        inner_epochs,
+    )
+
+
+def method_label(config: Config) -> str:
+    """The run's method as reports name it: TDPO-R, TDPO, DDPO-2, AlignProp, ..."""
+    return get_method(config.train.algorithm).label(config)
+
+
+def run_hash(config: Config) -> str:
+    """The hash a run's checkpoints carry: the config minus what a resume may change."""
+    return config_hash(
+        {
+            key: value
+            for key, value in flatten(to_dict(config)).items()
+            if not key.startswith(RESUME_MUTABLE_PREFIXES)
+        }
     )
 
 
@@ -684,12 +677,5 @@ def config_to_yaml(config: Config) -> str:
 
 def write_run_config(config: Config, run_dir: Path) -> None:
     """``run_dir/config.yaml``, written atomically (what ``tdpo train --resume`` reads)."""
-    from tdpo.fileio import atomic_write
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(run_dir) / "config.yaml", lambda f: f.write(config_to_yaml(config)))
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from its saved dict (e.g. a run's config.yaml), validated."""
-    return build_config(base=data)
+    atomic_write(Path(run_dir) / CONFIG_FILE, lambda f: f.write(config_to_yaml(config)))

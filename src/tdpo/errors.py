@@ -14,3 +14,15 @@ class UsageError(Exception):
 class TrainingError(Exception):
     """Training cannot go on (e.g. too many non-finite rewards). The CLI prints one line and
     exits with 3; the last checkpoint is left intact."""
+
+
+class NonFiniteRewards(TrainingError):
+    """Too many NaN/inf training rewards in one epoch: stop (the last checkpoint is intact)."""
+
+    def __init__(self, count: int, total: int, epoch: int):
+        self.count, self.total, self.epoch = count, total, epoch
+        super().__init__(
+            f"{count} of {total} training rewards were NaN or infinite in epoch "
+            f"{epoch + 1} (more than train.max_nonfinite_fraction); check the reward "
+            "model, or raise train.max_nonfinite_fraction"
+        )

@@ -14,6 +14,10 @@ import json
 import struct
 from pathlib import Path
 
+from tdpo.methods import get_method
+from tdpo.paths import resolve_alias
+from tdpo.rewards.combine import parse_reward_spec
+
 # Parameter counts (millions) of common Hub pipelines: UNet, VAE, text encoder(s).
 KNOWN_PIPELINES = {
     "stabilityai/stable-diffusion-xl-base-1.0": (2567.5, 83.7, 817.7),
@@ -65,8 +69,6 @@ def safetensors_numel(folder: Path) -> int:
 def _millions(
     spec: str, table: dict[str, object], subfolders: tuple[str, ...]
 ) -> list[float] | None:
-    from tdpo.paths import resolve_alias
-
     path = Path(resolve_alias(spec)).expanduser()
     if path.is_dir():
         if subfolders:
@@ -101,11 +103,12 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
         trainable_m = unet_m * 0.00093 * config.model.lora_rank
     else:
         trainable_m = unet_m
+    uses_critic = get_method(config.train.algorithm).uses_critic
     backbone_m = 0.0
-    if config.train.algorithm == "tdpo" and config.critic.input == "image":
+    if uses_critic and config.critic.input == "image":
         found = _millions(config.critic.backbone, KNOWN_BACKBONES, ())
         backbone_m = found[0] if found else float("nan")
-    head_m = 1.3 if config.train.algorithm == "tdpo" else 0.0
+    head_m = 1.3 if uses_critic else 0.0
     rewards_m = reward_millions(config)
     mib = 1024**2
     weights = (frozen_m + backbone_m + rewards_m) * 1e6 * weight_bytes / mib
@@ -115,7 +118,7 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     for d in latent:
         latents *= d
     stored = latents * 4 / mib
-    if config.train.algorithm == "tdpo":
+    if uses_critic:
         dim = 768 if config.critic.input == "image" else latent[0] * 64 + 1
         stored += samples_per_process * config.sample.num_steps * dim * 4 / mib
     total = weights + trainable + stored
@@ -136,8 +139,6 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
 def _latent_shape(spec: str, unet_m: float) -> tuple[int, int, int]:
     """The UNet's latent shape: from a local folder's unet/config.json, else known Hub ids, else
     Stable Diffusion 1.x's 4x64x64."""
-    from tdpo.paths import resolve_alias
-
     config_path = Path(resolve_alias(spec)).expanduser() / "unet" / "config.json"
     if config_path.is_file():
         unet = json.loads(config_path.read_text())
@@ -149,8 +150,6 @@ def _latent_shape(spec: str, unet_m: float) -> tuple[int, int, int]:
 
 def reward_millions(config) -> float:
     """Parameters of the training reward and the panel that stay loaded (known models only)."""
-    from tdpo.rewards.combine import parse_reward_spec
-
     names = {name for name, _ in parse_reward_spec(config.reward.name, "reward.name")}
     names |= set(config.reward.panel) | set(config.eval.rewards)
     return sum(KNOWN_REWARDS.get(name, 0.0) for name in names)

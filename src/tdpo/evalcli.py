@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tdpo.errors import UsageError
+from tdpo.rewards import check_reward_name
+from tdpo.samplecli import add_sampler_arguments, check_sampler_arguments
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
@@ -26,23 +28,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="score a pipeline (+ LoRA) on prompts x seeds with one or more rewards",
         description=(__doc__ or "").split("\n\n")[0].replace("``", "'"),
     )
-    parser.add_argument("--model", required=True, metavar="ID_OR_PATH", help="pipeline id/folder")
-    parser.add_argument("--lora", metavar="DIR", help="LoRA folder (a run's final/ or best/)")
-    parser.add_argument(
-        "--prompts", metavar="SET_OR_FILE", help="a prompt set name or .txt file (one a line)"
-    )
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    add_sampler_arguments(parser)
     parser.add_argument(
         "--max-prompts", type=int, default=0, help="use the first N prompts (0 = all)"
     )
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one image each")
     parser.add_argument(
         "--reward", action="append", default=[], metavar="NAME", help="a reward (repeatable)"
     )
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--out", default="eval.json", metavar="FILE.json", help="JSON summary")
     parser.add_argument("--grid", metavar="FILE.png", help="also save a grid of the images")
@@ -50,36 +42,14 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    from tdpo.prompts import load_prompts
-    from tdpo.rewards import check_reward_name
 
-    prompts = list(args.prompt) + (load_prompts(args.prompts, "--prompts") if args.prompts else [])
     if args.max_prompts < 0:
         raise UsageError("--max-prompts", args.max_prompts, "must be >= 0 (0 = all)")
-    if args.max_prompts:
-        prompts = prompts[: args.max_prompts]
-    if not prompts:
-        raise UsageError("--prompts", None, "give a prompt set or file (--prompts) or --prompt")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError("--seeds", args.seeds, "comma-separated integers, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError("--seeds", args.seeds, "give distinct integers, e.g. 0,1,2")
+    prompts, seeds = check_sampler_arguments(args)
     if not args.reward:
         raise UsageError("--reward", None, "name at least one reward, e.g. --reward aesthetic")
     for name in args.reward:
         check_reward_name(name, "--reward")
-    if args.steps < 1:
-        raise UsageError("--steps", args.steps, "must be >= 1")
-    if args.guidance < 1.0:
-        raise UsageError("--guidance", args.guidance, "must be >= 1.0 (1 = no guidance)")
-    if args.eta < 0:
-        raise UsageError("--eta", args.eta, "must be >= 0")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size", args.batch_size, "must be >= 1")
-    if args.lora and not Path(args.lora).is_dir():
-        raise UsageError("--lora", args.lora, "no such folder; give a run's final/ folder")
     if not str(args.out).endswith(".json"):
         raise UsageError("--out", args.out, "name a .json file")
     return prompts, seeds
@@ -96,10 +66,12 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    # deferred: torch, diffusers and the reward models load only after the arguments check out
     import torch
 
     from tdpo.policy import load_pipeline
     from tdpo.rewards import build_reward
+    from tdpo.sampling import iter_pipeline_images, score_images
 
     prompts, seeds = _check(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,36 +87,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rewards = {name: build_reward(name, device, "--reward") for name in args.reward}
     images_all = []
     per_image: list[dict[str, Any]] = []
-    for p_index, prompt in enumerate(prompts):
-        for chunk in range(0, len(seeds), args.batch_size):
-            batch_seeds = seeds[chunk : chunk + args.batch_size]
-            generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
-            with torch.no_grad():
-                images = pipe(
-                    [prompt] * len(batch_seeds),
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    eta=args.eta,
-                    generator=generators,
-                    output_type="pt",
-                ).images
-            images = images.float().clamp(0, 1)
-            scores = {}
-            for name, reward in rewards.items():
-                with torch.no_grad():
-                    values, _ = reward(images, [prompt] * len(batch_seeds), [{}] * len(batch_seeds))
-                scores[name] = [float(v) for v in values.detach().float().cpu()]
-            for j, seed in enumerate(batch_seeds):
-                per_image.append(
-                    {
-                        "prompt_index": p_index,
-                        "prompt": prompt,
-                        "seed": seed,
-                        "rewards": {name: scores[name][j] for name in rewards},
-                    }
-                )
-            if args.grid:
-                images_all.append(images.cpu())
+    batches = iter_pipeline_images(
+        pipe, prompts, seeds, args.steps, args.guidance, args.eta, args.batch_size
+    )
+    for chunk, images in batches:
+        batch_prompts = [prompts[p] for p, _ in chunk]
+        scores = score_images(rewards, images.to(device), batch_prompts)
+        for j, (p_index, seed) in enumerate(chunk):
+            per_image.append(
+                {
+                    "prompt_index": p_index,
+                    "prompt": prompts[p_index],
+                    "seed": seed,
+                    "rewards": {name: float(scores[name][j]) for name in rewards},
+                }
+            )
+        if args.grid:
+            images_all.append(images)
     summary: dict[str, Any] = {
         "model": args.model,
         "lora": args.lora,
@@ -165,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     summary["images"] = per_image
     summary["seconds"] = round(time.time() - start, 2)
     if args.grid and images_all:
-        from tdpo.images import save_grid
+        from tdpo.images import save_grid  # deferred: imports torch
 
         captions = [
             f"{i['prompt']} (seed {i['seed']}) "

@@ -14,6 +14,7 @@ from torch import nn
 
 from tdpo.policy import DiffusionPolicy, Trajectory
 from tdpo.prompts import load_prompts
+from tdpo.sampling import sample_noise, score_images
 
 
 def parse_prompt_sets(
@@ -82,17 +83,9 @@ def evaluate_policy(
     the per-step KL to the base model, per latent dimension); diversity uses ``embedder`` if given,
     else flattened pixels.
     """
-    from tdpo.trainers.loop import check_reward_output, sample_noise
-
     metrics: dict[str, float] = {}
     grids: dict[str, tuple[torch.Tensor, list[str]]] = {}
-    unet_cfg = policy.unet.config
-    shape = (
-        policy.sample_cfg.num_steps + 1,
-        unet_cfg.in_channels,
-        unet_cfg.sample_size,
-        unet_cfg.sample_size,
-    )
+    shape = policy.noise_shape
     was_training = unet.training
     unet.eval()
     for label, prompts in prompt_sets.items():
@@ -105,11 +98,8 @@ def evaluate_policy(
                 policy.sample(unet, [prompts[p] for p, _ in chunk], noise, with_reference=with_kl)
             )
         traj = Trajectory.cat(trajs)
-        meta = [{} for _ in items]
-        scores = {}
-        for name, fn in rewards.items():
-            values = check_reward_output(name, fn(traj.images, traj.prompts, meta)[0], len(items))
-            scores[name] = values
+        scores = score_images(rewards, traj.images, traj.prompts)
+        for name, values in scores.items():
             metrics[f"eval/{label}/{name}"] = float(values.mean())
         if with_kl and traj.ref_log_probs is not None:
             metrics[f"eval/{label}/kl"] = float((traj.log_probs - traj.ref_log_probs).mean())

@@ -217,6 +217,13 @@ class DiffusionPolicy(nn.Module):
         return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
 
     @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's noise: x_T and the draw of each of the T steps, [T+1, C, h, w]
+        (see :meth:`sample`)."""
+        c = self.unet.config
+        return (self.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
+
+    @property
     def use_cfg(self) -> bool:
         return self.sample_cfg.guidance_scale > 1.0
 
@@ -257,7 +264,7 @@ class DiffusionPolicy(nn.Module):
     def reference_mode(self, unet: nn.Module):
         """The frozen base model: LoRA adapters disabled (or the stored full copy)."""
         if self.model_cfg.finetune == "lora":
-            base = _unwrap(unet)
+            base = unwrap(unet)
             base.disable_adapters()
             try:
                 yield unet
@@ -323,7 +330,7 @@ class DiffusionPolicy(nn.Module):
         ``pooled`` / ``negative_pooled``: SDXL's pooled text embeddings (None otherwise)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
-        dtype = _unwrap(unet).dtype
+        dtype = unwrap(unet).dtype
         if negative_embeds is None:
             added = self._added_conditions(pooled, dtype)
             return unet(
@@ -453,12 +460,12 @@ class DiffusionPolicy(nn.Module):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(self.unet)))
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(self.unet)))
 
     def save_final(self, directory: Path) -> None:
         """LoRA in diffusers format (``pipe.load_lora_weights(directory)``), or the full UNet."""
         directory.mkdir(parents=True, exist_ok=True)
-        unet = _unwrap(self.unet)
+        unet = unwrap(self.unet)
         if self.model_cfg.finetune == "lora":
             type(self.pipe).save_lora_weights(
                 directory,
@@ -472,7 +479,7 @@ class DiffusionPolicy(nn.Module):
             unet.save_pretrained(directory / "unet", safe_serialization=True)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP / accelerate wrappers."""
     while hasattr(module, "module"):
         module = module.module

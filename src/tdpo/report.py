@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tdpo.config import build_config
+from tdpo.config import method_label as config_method_label
 from tdpo.errors import UsageError
 from tdpo.tracking import read_metrics
 
@@ -104,23 +106,13 @@ def _get(config: dict, dotted: str, default: Any = None) -> Any:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """TDPO-R, TDPO, DDPO-<updates> or AlignProp, from the config."""
-    algorithm = str(_get(config, "train.algorithm", "tdpo")).lower()
-    if algorithm == "tdpo":
-        reset = _get(config, "reset.enabled", False)
-        target = _get(config, "reset.target", "active")
-        suffix = " (latent critic)" if _get(config, "critic.input") == "latent" else ""
-        if reset and target == "active":
-            return "TDPO-R" + suffix
-        if reset:
-            return f"TDPO-reset-{target}" + suffix
-        return "TDPO" + suffix
-    if algorithm == "ddpo":  # updates_per_epoch 0 = auto: 2 per timestep slice
-        updates = int(_get(config, "train.updates_per_epoch", 0) or 0)
-        return f"DDPO-{updates or 2 * int(_get(config, 'sample.num_steps', 50))}"
-    if algorithm == "alignprop":
-        return "AlignProp"
-    return algorithm
+    """The run's method as the algorithm registry names it (TDPO-R, TDPO, DDPO-<updates>,
+    AlignProp, ...), from its saved config; a config this version cannot read is labelled by
+    its ``train.algorithm``."""
+    try:
+        return config_method_label(build_config(base=config))
+    except UsageError:
+        return str(_get(config, "train.algorithm", "unknown"))
 
 
 def load_run(path: Path) -> Run:

@@ -63,15 +63,16 @@ from typing import Any
 
 import yaml
 
-from tdpo.errors import UsageError
+from tdpo.checkpoint import list_checkpoints
+from tdpo.config import PRESETS, Config, build_config, config_to_yaml
+from tdpo.errors import TrainingError, UsageError
+from tdpo.fileio import atomic_write
+from tdpo.report import build_report
+from tdpo.run import resume_config, train
+from tdpo.rundir import FINAL_DIR, METRICS_FILE, has_started
+from tdpo.world import DEFAULT_STEPS
 
 # ------------------------------------------------------------------------------- presets
-
-
-def _config_keys() -> set[str]:
-    from tdpo.config import iter_fields
-
-    return {name for name, *_ in iter_fields()}
 
 
 def paper_shapes_spec() -> dict[str, Any]:
@@ -82,9 +83,6 @@ def paper_shapes_spec() -> dict[str, Any]:
     epoch as TDPO makes" (2 per timestep slice): 100 at the paper's 50 steps, ``2 * num_steps``
     here, so its runs are labelled ``DDPO-<that number>`` in the report.
     """
-    from tdpo.config import PRESETS
-    from tdpo.world import DEFAULT_STEPS
-
     steps = DEFAULT_STEPS
     # The defaults of `tdpo train` are the shapes world (model, critic backbone, prompts, panel,
     # held-out evaluation); the sweep only shortens the runs to fit its CPU budget.
@@ -96,7 +94,7 @@ def paper_shapes_spec() -> dict[str, Any]:
     }
     return {
         "out": "sweeps/paper-shapes",
-        "base_preset": "shapes" if "shapes" in PRESETS else None,
+        "base_preset": "shapes",
         "overrides": overrides,
         "methods": {
             "ddpo-2": {"preset": "ddpo-2", "overrides": {}},
@@ -187,8 +185,6 @@ def _safe(text: str) -> str:
 
 def build_plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the spec, in order (see the module docstring)."""
-    from tdpo.config import PRESETS
-
     methods = spec.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise UsageError("methods", methods, "name at least one method: {name: {preset: ...}}")
@@ -267,41 +263,41 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def run_state(run_dir: Path) -> str:
     """done (final/), resume (checkpoints), stale (metrics, no checkpoint), new."""
-    from tdpo.checkpoint import list_checkpoints
-
-    if (run_dir / "final").is_dir():
+    if (run_dir / FINAL_DIR).is_dir():
         return "done"
     if list_checkpoints(run_dir):
         return "resume"
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    if has_started(run_dir):
         return "stale"
     return "new"
 
 
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def train_argv(run: PlannedRun, out: Path, state: str) -> list[str]:
-    """The ``tdpo train`` arguments of a run (writes its config file for a new run)."""
-    run_dir = out / run.name
+def run_config(run: PlannedRun, out: Path, state: str) -> Config:
+    """The config of a run: its own config.yaml when resuming (``train.epochs`` from the spec),
+    else the plan's overrides (also written to ``OUT/configs/<run>.yaml`` for the record)."""
     if state == "resume":
-        argv = ["train", "--resume", str(run_dir)]
-        if "train.epochs" in run.overrides:
-            argv += ["--set", f"train.epochs={int(run.overrides['train.epochs'])}"]
-        return argv
-    config_file = out / "configs" / f"{run.name}.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    flat = dict(run.overrides, output_dir=str(out))
-    config_file.write_text(yaml.safe_dump(_nested(flat), sort_keys=False))
-    return ["train", "--config", str(config_file)]
+        epochs = run.overrides.get("train.epochs")
+        return resume_config(out / run.name, {"train.epochs": int(epochs)} if epochs else None)
+    config = build_config(overrides=dict(run.overrides, output_dir=str(out)))
+    record = out / "configs" / f"{run.name}.yaml"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(config_to_yaml(config))
+    return config
+
+
+def train_run(run: PlannedRun, out: Path, state: str, log) -> tuple[int, str | None]:
+    """Train (or resume) one run of the plan: (exit code, error or None)."""
+    try:
+        config = run_config(run, out, state)
+        code = train(config, out / run.name, resume=state == "resume", quiet=True)
+    except (UsageError, TrainingError) as exc:
+        return (2 if isinstance(exc, UsageError) else 3), str(exc).splitlines()[0][:500]
+    except KeyboardInterrupt:
+        return 130, "interrupted"
+    except Exception as exc:  # a crash in one run must not stop the sweep
+        log(f"{run.name}: failed\n{traceback.format_exc()}")
+        return 1, f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return code, None if code == 0 else f"tdpo train exited with {code}"
 
 
 # --------------------------------------------------------------------------------- running
@@ -326,9 +322,7 @@ def _write_state(path: Path, spec: dict, plan: list[PlannedRun], shard: tuple[in
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "runs": [r.record() for r in plan],
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def print_plan(
@@ -362,8 +356,6 @@ def execute(
     log=None,
 ) -> int:
     """Run this shard's part of the plan; returns 0 if every run of it is done."""
-    from tdpo.cli import main as tdpo_main
-
     plan = build_plan(spec)
     out.mkdir(parents=True, exist_ok=True)
     log = log or _Log(out / "sweep.log")
@@ -395,18 +387,11 @@ def execute(
             shutil.move(str(run_dir), str(out / f"{run.name}.stale-{k}"))
             log(f"{run.name}: no checkpoint; moved the folder to {run.name}.stale-{k}, restarting")
             state = "new"
-        argv = train_argv(run, out, state)
         run.status = "running"
         _write_state(state_path, spec, plan, shard)
-        log(f"{run.name}: {'resuming' if state == 'resume' else 'training'}: tdpo {' '.join(argv)}")
+        log(f"{run.name}: {'resuming' if state == 'resume' else 'training'}")
         start = time.time()
-        try:
-            code = tdpo_main(argv)
-            error = None if code == 0 else f"tdpo train exited with {code}"
-        except Exception as exc:  # a crash in one run must not stop the sweep
-            code = 1
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            log(f"{run.name}: failed\n{traceback.format_exc()}")
+        code, error = train_run(run, out, state, log)
         run.seconds = round(time.time() - start, 1)
         run.code = code
         run.attempts.append(state)
@@ -433,9 +418,7 @@ def execute(
 
 
 def make_report(plan: list[PlannedRun], out: Path, log) -> None:
-    from tdpo.report import build_report
-
-    dirs = [out / r.name for r in plan if (out / r.name / "metrics.jsonl").is_file()]
+    dirs = [out / r.name for r in plan if (out / r.name / METRICS_FILE).is_file()]
     if not dirs:
         log("no run has metrics yet; no report")
         return

@@ -1,0 +1,529 @@
+"""The policy-gradient family: DDPO, TDPO and TDPO-R (docs/algorithm.md, "One epoch").
+
+One epoch: sample trajectories -> training reward (and the evaluation panel) -> per-prompt
+normalization over the global batch -> returns G_k (optional per-step KL penalty) -> advantages
+-> inner epochs of PPO-clip updates. The members differ only where the paper makes them differ:
+
+- :class:`DDPO`: ``A_k = R~`` at every step; updates accumulate over all timesteps (sample-major).
+- :class:`TDPO`: a temporal critic values every state, ``A_k = G_k - V_old(k)`` normalized over
+  the epoch; updates stay inside one timestep slice (slice-major) and train the critic alongside;
+  neuron statistics every epoch and, with ``reset.enabled`` (TDPO-R), a periodic reset of the
+  critic's active neurons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from tdpo.algos.advantages import (
+    PerPromptStatTracker,
+    explained_variance,
+    normalize_advantages,
+    returns_from_rewards,
+    temporal_advantages,
+)
+from tdpo.algos.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_value_loss,
+    kl_estimate,
+    ppo_clip_loss,
+)
+from tdpo.algos.neurons import (
+    dormant_overlap,
+    neuron_fractions,
+    neuron_masks,
+    neuron_scores,
+    reset_neurons,
+)
+from tdpo.backbones import load_image_embedder
+from tdpo.critic import (
+    CriticHead,
+    latent_feature_dim,
+    latent_state_features,
+    trajectory_state_embeddings,
+)
+from tdpo.errors import NonFiniteRewards, UsageError
+from tdpo.methods.base import Method, optimizer_step, unwrap_optimizer
+from tdpo.paths import resolve_alias
+from tdpo.policy import Trajectory, unwrap
+from tdpo.sampling import derive_seed, sample_noise
+
+
+@dataclass
+class EpochBatch:
+    """Everything the update needs from one epoch of local samples (N samples, T steps)."""
+
+    latents: torch.Tensor  # [N, T+1, C, h, w]
+    old_log_probs: torch.Tensor  # [N, T]
+    timesteps: torch.Tensor  # [N, T]
+    prompt_embeds: torch.Tensor  # [N, L, D]
+    negative_embeds: torch.Tensor | None  # [N, L, D]
+    advantages: torch.Tensor  # [N, T]
+    returns: torch.Tensor | None = None  # [N, T] G_k (critic target; tdpo)
+    old_values: torch.Tensor | None = None  # [N, T] V_old(k) (tdpo)
+    state_embeddings: torch.Tensor | None = None  # [N, T, d] (tdpo)
+    pooled_embeds: torch.Tensor | None = None  # [N, P] SDXL's pooled text embeddings
+    negative_pooled: torch.Tensor | None = None  # [N, P]
+
+    @classmethod
+    def from_trajectory(cls, traj: Trajectory, advantages: torch.Tensor) -> EpochBatch:
+        return cls(
+            traj.latents,
+            traj.log_probs,
+            traj.timesteps,
+            traj.prompt_embeds,
+            traj.negative_embeds,
+            advantages=advantages,
+            pooled_embeds=traj.pooled_embeds,
+            negative_pooled=traj.negative_pooled,
+        )
+
+
+class PolicyGradient(Method):
+    """What DDPO and TDPO share: sampling, rewards, normalization, returns, PPO-clip updates."""
+
+    slice_major: ClassVar[bool] = False  # update order: timestep slices outermost (TDPO)
+
+    @classmethod
+    def plan_updates(cls, config, samples_per_process: int, minibatches: int):
+        T = config.sample.num_steps
+        updates = config.train.updates_per_epoch or 2 * T
+        passes = minibatches * T
+        if passes % updates:
+            raise UsageError(
+                "train.updates_per_epoch",
+                updates,
+                f"must divide the {passes} minibatch passes per epoch "
+                f"({minibatches} minibatches x {T} steps)",
+            )
+        return updates, passes // updates, config.train.inner_epochs
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        cfg = trainer.config
+        self.tracker = PerPromptStatTracker(cfg.train.norm_buffer_size, cfg.train.norm_min_count)
+        k = cfg.kl
+        self.use_kl = k.coef > 0
+        self.kl_ctl = (
+            AdaptiveKLController(k.coef, k.target, k.horizon)
+            if k.adaptive
+            else FixedKLController(k.coef)
+        )
+        self.critic: torch.nn.Module | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "kl": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.kl_ctl.load_state_dict(state["kl"])
+
+    # -- one epoch ----------------------------------------------------------------------------
+
+    def sample(self, epoch: int) -> tuple[Trajectory, list[str]]:
+        """This process's trajectories of the epoch, and the epoch's global prompt list."""
+        tr = self.trainer
+        cfg, sch = tr.config, tr.schedule
+        global_prompts = tr.draw_prompts()
+        first = tr.first_sample
+        local_prompts = global_prompts[first : first + sch.samples_per_process]
+        shape = tr.policy.noise_shape
+        trajectories = []
+        tr.unet.eval()
+        with tr.progress(sch.sample_batches * cfg.sample.num_steps, f"epoch {epoch} sample") as bar:
+            for b in range(sch.sample_batches):
+                lo = b * cfg.sample.batch_size
+                indices = range(first + lo, first + lo + cfg.sample.batch_size)
+                noise = sample_noise([derive_seed(cfg.seed, 2, epoch, i) for i in indices], shape)
+                with tr.accelerator.autocast():
+                    traj = tr.policy.sample(
+                        tr.unet,
+                        local_prompts[lo : lo + cfg.sample.batch_size],
+                        noise.to(tr.device),
+                        with_reference=self.use_kl,
+                        progress=bar,
+                    )
+                trajectories.append(traj)
+                tr.check_signal()
+        tr.unet.train()
+        return Trajectory.cat(trajectories), global_prompts
+
+    def normalize(
+        self, all_rewards: torch.Tensor, global_prompts: list[str], finite: torch.Tensor
+    ) -> torch.Tensor:
+        """R~: per prompt (buffered statistics) or over the batch; non-finite rewards get 0."""
+        normalized = torch.zeros_like(all_rewards)
+        good = all_rewards[finite]
+        if self.trainer.config.train.per_prompt_normalization:
+            prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
+            normalized[finite] = self.tracker.update(prompts, good)
+        else:
+            normalized[finite] = (good - good.mean()) / (good.std(unbiased=False) + 1e-6)
+        return normalized
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        tr = self.trainer
+        cfg, sch = tr.config, tr.schedule
+        start = time.perf_counter()
+        traj, global_prompts = self.sample(epoch)
+        t_sample = time.perf_counter()
+
+        # -- rewards, normalized per prompt over the global batch (every process the same) ----
+        rewards, panel = tr.score(traj.images, traj.prompts)
+        all_rewards = tr.gather(rewards)
+        finite = torch.isfinite(all_rewards)
+        nonfinite = int((~finite).sum())
+        if nonfinite / len(all_rewards) > cfg.train.max_nonfinite_fraction:
+            raise NonFiniteRewards(nonfinite, len(all_rewards), epoch)
+        normalized_all = self.normalize(all_rewards, global_prompts, finite)
+        local = slice(tr.first_sample, tr.first_sample + sch.samples_per_process)
+        normalized = normalized_all[local].to(tr.device)
+
+        # -- returns G_k, with an optional per-step KL penalty ---------------------------------
+        kl = None
+        if self.use_kl:
+            kl = kl_estimate(traj.log_probs, traj.ref_log_probs, cfg.kl.estimator)
+        returns = returns_from_rewards(normalized, cfg.sample.num_steps, kl, self.kl_ctl.value)
+        batch = EpochBatch.from_trajectory(traj, advantages=returns)
+        metrics = self.set_advantages(batch, finite, local)
+        t_value = time.perf_counter()
+        if cfg.log.dump_tensors:
+            self.dump(epoch, rewards, all_rewards, normalized_all, batch.advantages, global_prompts)
+
+        # -- inner epochs of PPO-clip updates ------------------------------------------------------
+        gen = torch.Generator().manual_seed(
+            derive_seed(cfg.seed, 4, epoch, tr.accelerator.process_index)
+        )
+        stats: dict[str, float] = {}
+        for inner in range(sch.inner_epochs):
+            desc = f"epoch {epoch} train {inner + 1}/{sch.inner_epochs}"
+            with tr.progress(sch.minibatches * cfg.sample.num_steps, desc) as bar:
+                stats = self.update(batch, gen, bar)
+            tr.check_signal()
+        t_train = time.perf_counter()
+
+        metrics.update(self.after_updates(epoch, batch))
+        if self.use_kl:
+            mean_kl = float(tr.gather(kl.mean(dim=1)).mean())
+            self.kl_ctl.update(mean_kl, cfg.sample.samples_per_epoch)
+            metrics["kl"] = mean_kl
+            metrics["kl_coef"] = self.kl_ctl.value
+        good = all_rewards[finite]
+        metrics.update(
+            {
+                "reward_mean": float(good.mean()) if len(good) else float("nan"),
+                "reward_std": float(good.std(unbiased=False)) if len(good) else float("nan"),
+                "nonfinite_rewards": nonfinite,
+                **panel,
+                **stats,
+                "seconds_sample": t_sample - start,
+                "seconds_value": t_value - t_sample,
+                "seconds_train": t_train - t_value,
+            }
+        )
+        tr.save_grid(epoch + 1, traj.images, traj.prompts, rewards)
+        return metrics
+
+    def set_advantages(
+        self, batch: EpochBatch, finite: torch.Tensor, local: slice
+    ) -> dict[str, float]:
+        """DDPO: A = R~ at every step (minus KL terms if enabled): the returns as they are."""
+        return {}
+
+    def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
+        """Work after the epoch's updates (TDPO: neuron statistics and reset)."""
+        return {}
+
+    def update(self, batch: EpochBatch, generator: torch.Generator, progress) -> dict[str, float]:
+        """One inner epoch of PPO-clip updates (docs/algorithm.md, step 6); returns mean losses
+        and statistics over the passes, averaged over processes.
+
+        Samples are shuffled, and timesteps independently per sample. Slice-major (TDPO): the
+        outer loop is over timestep slices j, so every update stays inside one slice; sample-major
+        (DDPO): over minibatches, accumulating over all timesteps. The optimizer steps every
+        ``schedule.accumulation`` passes.
+        """
+        tr = self.trainer
+        acc, sch, cfg = tr.accelerator, tr.schedule, tr.config
+        unet, critic = tr.unet, self.critic
+        n, T = batch.old_log_probs.shape
+        device = batch.latents.device
+        mb_size = cfg.train.batch_size
+        sample_perm = torch.randperm(n, generator=generator).to(device)
+        time_perm = torch.argsort(torch.rand(n, T, generator=generator), dim=1).to(device)
+        if self.slice_major:
+            order = [(j, m) for j in range(T) for m in range(sch.minibatches)]
+        else:
+            order = [(j, m) for m in range(sch.minibatches) for j in range(T)]
+        use_cfg = cfg.train.cfg and tr.policy.use_cfg and batch.negative_embeds is not None
+
+        policy_params = [p for p in unet.parameters() if p.requires_grad]
+        clip_groups = [(policy_params, cfg.train.max_grad_norm)]
+        if critic is not None:
+            clip_groups.append((list(critic.parameters()), cfg.train.max_grad_norm))
+            critic.train()
+        sums: dict[str, torch.Tensor | float] = {}  # on-device sums: no host sync per pass
+        for step_index, (j, m) in enumerate(order):
+            rows = sample_perm[m * mb_size : (m + 1) * mb_size]
+            k = time_perm[rows, j]
+            is_update = (step_index + 1) % sch.accumulation == 0
+            sync = contextlib.ExitStack()
+            if not is_update:
+                sync.enter_context(acc.no_sync(unet))
+                if critic is not None:
+                    sync.enter_context(acc.no_sync(critic))
+            with sync, acc.autocast():
+                t = batch.timesteps[rows, k]
+                log_prob = tr.policy.step_log_prob(
+                    unet,
+                    batch.latents[rows, k],
+                    batch.latents[rows, k + 1],
+                    t,
+                    batch.prompt_embeds[rows],
+                    batch.negative_embeds[rows] if use_cfg else None,
+                    _rows(batch.pooled_embeds, rows),
+                    _rows(batch.negative_pooled, rows) if use_cfg else None,
+                )
+                # L_pi = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi_theta / pi_old
+                policy_loss, info = ppo_clip_loss(
+                    log_prob,
+                    batch.old_log_probs[rows, k],
+                    batch.advantages[rows, k],
+                    cfg.train.clip_range,
+                )
+                loss = policy_loss
+                if critic is not None:
+                    values = critic(batch.state_embeddings[rows, k], t)
+                    # L_V = 0.5 mean(max((V-G)^2, (clip(V, V_old +- c) - G)^2))
+                    value_loss = clipped_value_loss(
+                        values,
+                        batch.old_values[rows, k],
+                        batch.returns[rows, k],
+                        cfg.critic.value_clip,
+                    )
+                    loss = loss + cfg.critic.value_coef * value_loss
+                    _add(sums, "critic_loss", value_loss.detach())
+                if loss.requires_grad:  # all-deterministic steps (sigma=0) carry no gradient
+                    acc.backward(loss / sch.accumulation)
+            if is_update:
+                norms = optimizer_step(
+                    unwrap_optimizer(tr.optimizer), clip_groups, getattr(acc, "scaler", None)
+                )
+                _add(sums, "policy_grad_norm", norms[0])
+            _add(sums, "policy_loss", policy_loss.detach())
+            for key in ("approx_kl", "clipfrac"):
+                _add(sums, key, info[key].detach())
+            if progress is not None:
+                progress.update(1)
+        out = {key: float(value) / len(order) for key, value in sums.items()}
+        out["policy_grad_norm"] = sums.get("policy_grad_norm", 0.0) / max(1, sch.updates_per_epoch)
+        # Statistics are averaged over processes (each process saw its own minibatches).
+        keys = sorted(out)
+        values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+        values = acc.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def dump(self, epoch, rewards, all_rewards, normalized_all, advantages, prompts) -> None:
+        """``log.dump_tensors``: this process's rewards and advantages of the epoch, for debugging."""
+        tr = self.trainer
+        out = tr.run_dir / "debug"
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "local_rewards": rewards.cpu(),
+                "global_rewards": all_rewards.cpu(),
+                "global_normalized": normalized_all.cpu(),
+                "local_advantages": advantages.cpu(),
+                "global_advantages": tr.gather(advantages).cpu(),
+                "global_prompts": prompts,
+            },
+            out / f"epoch_{epoch + 1:04d}_rank{tr.accelerator.process_index}.pt",
+        )
+
+
+class DDPO(PolicyGradient):
+    """DDPO (Black et al., 2023): every step gets the normalized final reward."""
+
+    name = "ddpo"
+
+    @classmethod
+    def label(cls, config) -> str:
+        """DDPO-<optimizer updates per epoch>: DDPO-2, or DDPO-100 at the paper's 50 steps."""
+        return f"DDPO-{config.train.updates_per_epoch or 2 * config.sample.num_steps}"
+
+
+class TDPO(PolicyGradient):
+    """TDPO (and TDPO-R with ``reset.enabled``): per-timestep advantages from a temporal critic."""
+
+    name = "tdpo"
+    uses_critic = True
+    slice_major = True
+
+    @classmethod
+    def label(cls, config) -> str:
+        suffix = " (latent critic)" if config.critic.input == "latent" else ""
+        if not config.reset.enabled:
+            return "TDPO" + suffix
+        if config.reset.target == "active":
+            return "TDPO-R" + suffix
+        return f"TDPO-reset-{config.reset.target}" + suffix
+
+    @classmethod
+    def plan_updates(cls, config, samples_per_process: int, minibatches: int):
+        updates, accumulation, inner = super().plan_updates(
+            config, samples_per_process, minibatches
+        )
+        T = config.sample.num_steps
+        if updates % T:
+            raise UsageError(
+                "train.updates_per_epoch",
+                updates,
+                f"tdpo updates within timestep slices: use a multiple of "
+                f"sample.num_steps={T} that divides {minibatches * T}",
+            )
+        return updates, accumulation, inner
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        cfg = trainer.config
+        self.embedder = None
+        if cfg.critic.input == "image":
+            self.embedder = load_image_embedder(
+                resolve_alias(cfg.critic.backbone), trainer.device, trainer.weight_dtype
+            )
+            in_dim, timestep_input = self.embedder.embed_dim, cfg.critic.timestep_input
+        else:  # the cheap critic: pooled latents and the timestep
+            in_dim = latent_feature_dim(trainer.policy.unet.config.in_channels)
+            timestep_input = True
+        self.critic = CriticHead(
+            in_dim,
+            cfg.critic.head,
+            timestep_input,
+            trainer.policy.scheduler.config.num_train_timesteps,
+        ).to(trainer.device)
+        self.prev_dormant: list[torch.Tensor] | None = None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        lr = self.trainer.config.critic.learning_rate
+        return [{"params": list(self.critic.parameters()), "lr": lr}]
+
+    def prepare(self, accelerator) -> None:
+        self.critic = accelerator.prepare(self.critic)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["prev_dormant"] = [m.cpu() for m in self.prev_dormant] if self.prev_dormant else []
+        head = unwrap(self.critic).state_dict()
+        state["critic"] = {k: v.detach().cpu().clone() for k, v in head.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        unwrap(self.critic).load_state_dict(state["critic"])
+        device = self.trainer.device
+        self.prev_dormant = [m.to(device) for m in state["prev_dormant"]] or None
+
+    def save_final(self, directory) -> None:
+        from safetensors.torch import save_file  # deferred: only when a run finishes
+
+        state = unwrap(self.critic).state_dict()
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(directory / "critic_head.safetensors"),
+        )
+
+    def state_embeddings(self, traj_latents: torch.Tensor) -> torch.Tensor:
+        """What the critic sees of the T states before each step: [N, T, d]."""
+        tr = self.trainer
+        if tr.config.critic.input == "latent":
+            return latent_state_features(traj_latents[:, :-1])
+        with tr.accelerator.autocast():
+            return trajectory_state_embeddings(
+                tr.policy.decode, self.embedder, traj_latents, tr.config.critic.embed_batch_size
+            )
+
+    def set_advantages(
+        self, batch: EpochBatch, finite: torch.Tensor, local: slice
+    ) -> dict[str, float]:
+        """V_old for every state; A_k = G_k - V_old(k), normalized over all samples and steps of
+        all processes; non-finite rewards are left out (advantage 0, no critic signal)."""
+        tr = self.trainer
+        embeddings = self.state_embeddings(batch.latents)
+        self.critic.eval()
+        with torch.no_grad():
+            old_values = self.critic(embeddings, batch.timesteps)
+        returns = batch.advantages
+        advantages_all = tr.gather(temporal_advantages(returns, old_values))
+        advantages_all[finite] = normalize_advantages(advantages_all[finite])
+        advantages_all[~finite] = 0.0
+        batch.advantages = advantages_all[local]
+        local_finite = finite[local].to(tr.device)
+        batch.returns = torch.where(local_finite[:, None], returns, old_values)
+        batch.old_values, batch.state_embeddings = old_values, embeddings
+        return {
+            "critic_ev": explained_variance(
+                tr.gather(old_values)[finite], tr.gather(batch.returns)[finite]
+            ),
+            "value_mean": float(tr.gather(old_values).mean()),
+        }
+
+    def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
+        return self.neurons(epoch, batch.state_embeddings, batch.timesteps)
+
+    def neurons(
+        self, epoch: int, embeddings: torch.Tensor, timesteps: torch.Tensor
+    ) -> dict[str, float]:
+        """Score the critic head's neurons on gathered state embeddings (every epoch); reset
+        them every ``reset.every`` epochs when ``reset.enabled`` (TDPO-R: the active ones)."""
+        tr = self.trainer
+        cfg = tr.config.reset
+        n, T = embeddings.shape[:2]
+        gen = torch.Generator().manual_seed(derive_seed(tr.config.seed, 5, epoch))
+        per_process = max(1, math.ceil(cfg.stats_batch_size / tr.accelerator.num_processes))
+        pick = torch.randint(0, n * T, (per_process,), generator=gen).to(embeddings.device)
+        flat_emb = embeddings.reshape(n * T, -1)[pick]
+        flat_t = timesteps.reshape(n * T)[pick]
+        head = unwrap(self.critic)
+        inputs = tr.gather(head.features(flat_emb, flat_t))[: cfg.stats_batch_size]
+        scores = neuron_scores(head.mlp, inputs)
+        dormant, active = neuron_masks(scores, cfg.tau)
+        dormant_frac, active_frac = neuron_fractions(dormant)
+        out = {
+            "dormant_fraction": dormant_frac,
+            "active_fraction": active_frac,
+            "dormant_overlap": dormant_overlap(self.prev_dormant, dormant),
+            "neurons_reset": 0,
+        }
+        self.prev_dormant = dormant
+        if cfg.enabled and (epoch + 1) % cfg.every == 0:
+            masks = {
+                "active": active,
+                "dormant": dormant,
+                "all": [torch.ones_like(m) for m in dormant],
+            }[cfg.target]
+            out["neurons_reset"] = reset_neurons(
+                head.mlp,
+                masks,
+                head.weight_std,
+                optimizer=unwrap_optimizer(tr.optimizer),
+                outgoing=cfg.outgoing,
+                generator=torch.Generator().manual_seed(derive_seed(tr.config.seed, 6, epoch)),
+            )
+        return out
+
+
+def _rows(tensor: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _add(sums: dict, key: str, value) -> None:
+    sums[key] = sums.get(key, 0.0) + value

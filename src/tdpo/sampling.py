@@ -1,0 +1,91 @@
+"""What every sampler of the project shares: per-sample seeds and noise, reward-output checks,
+and sampling a diffusers pipeline over prompts x seeds.
+
+Below the trainers, the methods, evaluation, ``tdpo sample`` / ``tdpo eval`` and the benchmarks:
+this module imports nothing of theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from tdpo.errors import UsageError
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, runs and Python versions)."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-sample noise [B, *shape], each row from its own seed: the same sample gets the same
+    noise whatever the batch size or number of processes."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
+def check_reward_output(name: str, rewards: Any, batch: int) -> torch.Tensor:
+    """The reward protocol's first output: a tensor of one value per image, detached, float."""
+    if not isinstance(rewards, torch.Tensor):
+        raise UsageError(
+            "reward.name",
+            name,
+            f"the reward returned {type(rewards).__name__}, "
+            "not a tensor; return (rewards [B] tensor, info dict)",
+        )
+    if rewards.shape != (batch,):
+        raise UsageError(
+            "reward.name",
+            name,
+            f"the reward returned shape {tuple(rewards.shape)} "
+            f"for {batch} images; return one value per image, shape [{batch}]",
+        )
+    return rewards.detach().float()
+
+
+@torch.no_grad()
+def score_images(
+    rewards: dict[str, Callable], images: torch.Tensor, prompts: list[str]
+) -> dict[str, torch.Tensor]:
+    """Every reward of ``rewards`` on the same images: {name: values [B]} (checked)."""
+    meta = [{} for _ in prompts]
+    return {
+        name: check_reward_output(name, fn(images, prompts, meta)[0], len(prompts))
+        for name, fn in rewards.items()
+    }
+
+
+def iter_pipeline_images(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    eta: float,
+    batch_size: int,
+) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """Sample ``pipe`` (its own ``__call__``) at every (prompt, seed): yields batches of
+    ``([(prompt_index, seed), ...], images [b, 3, H, W] in [0, 1])``.
+
+    Each image has its own ``torch.Generator().manual_seed(seed)``, so an image depends only on
+    (model, LoRA, prompt, seed, sampler options), not on the batch it was drawn in.
+    """
+    items = [(p, s) for p in range(len(prompts)) for s in seeds]
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo : lo + batch_size]
+        with torch.no_grad():
+            images = pipe(
+                [prompts[p] for p, _ in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                eta=eta,
+                generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                output_type="pt",
+            ).images
+        yield chunk, images.float().clamp(0, 1).cpu()
