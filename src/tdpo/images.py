@@ -24,6 +24,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def to_uint8_arrays(images: torch.Tensor) -> list:
+    """Float images [B, 3, H, W] in [0, 1] as B contiguous uint8 numpy arrays [H, W, 3] (what
+    PIL and reward preprocessors take)."""
+    import numpy as np  # deferred: keeps this module's import light
+
+    return [np.ascontiguousarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`to_uint8`: uint8 images as float32 in [0, 1] (divided by 255);
     float images are returned as float32, unchanged."""

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tdpo.images import to_uint8_arrays
 from tdpo.rewards.registry import register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB of each image [B,3,H,W] in [0,1] saved as JPEG at ``quality``."""
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
+    arrays = to_uint8_arrays(images)
     sizes = []
     for array in arrays:
         buffer = io.BytesIO()

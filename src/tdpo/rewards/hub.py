@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +33,7 @@ from tdpo.backbones import (
 from tdpo.backbones.open_clip_hf import load_open_clip_as_hf
 from tdpo.backbones.sources import hub_error_fix, is_local, resolve, resolve_file
 from tdpo.errors import UsageError
+from tdpo.images import to_uint8_arrays
 from tdpo.rewards.imagereward_hf import (
     MAX_PROMPT_TOKENS,
     MLPHead,
@@ -50,11 +50,6 @@ def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     return device, dtype
-
-
-def _uint8_arrays(images: torch.Tensor) -> list[np.ndarray]:
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [np.ascontiguousarray(a) for a in arrays.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 class HubReward(nn.Module):
@@ -112,7 +107,7 @@ class CLIPScorer(nn.Module):
     def processor_pixels(self, images: torch.Tensor) -> torch.Tensor:
         if self.image_processor is None:
             raise RuntimeError("no image processor to compare with")
-        out = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")
+        out = self.image_processor(images=to_uint8_arrays(images), return_tensors="pt")
         return out["pixel_values"].to(self.device)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -313,7 +308,7 @@ class AestheticReward(HubReward):
 
     @torch.no_grad()
     def reference(self, images, prompts):
-        pixels = self.image_processor(images=_uint8_arrays(images), return_tensors="pt")[
+        pixels = self.image_processor(images=to_uint8_arrays(images), return_tensors="pt")[
             "pixel_values"
         ]
         features = self.embedder.encode_pixels(pixels.to(self.embedder.device, self.embedder.dtype))

@@ -27,6 +27,7 @@ from torch import nn
 
 from tdpo.backbones.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from tdpo.errors import UsageError
+from tdpo.images import to_uint8_arrays
 
 IMAGEREWARD_MEAN = 0.16717362830052426  # ImageReward.py: self.mean
 IMAGEREWARD_STD = 1.0333394966054072  # ImageReward.py: self.std
@@ -209,9 +210,8 @@ def imagereward_pil_transform(images: torch.Tensor, size: int) -> torch.Tensor:
     """ImageReward's own preprocessing on uint8 PIL images: torchvision ``Resize(size, BICUBIC)``
     (PIL's bicubic), ``CenterCrop(size)`` (rounded offsets), ``ToTensor``, OpenAI mean/std."""
     out = []
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    for array in arrays.cpu().numpy():
-        image = Image.fromarray(np.ascontiguousarray(array))
+    for array in to_uint8_arrays(images):
+        image = Image.fromarray(array)
         w, h = image.size
         new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         image = image.resize((new_w, new_h), Image.BICUBIC)

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tdpo.algos.advantages import pearson
 from tdpo.backbones.preprocess import PreprocessConfig, preprocess_images
 from tdpo.world import GOLD_REWARDS, LEARNED_REWARDS, WEIGHTS_DIR, gold
 
@@ -370,7 +371,7 @@ def train_learned_rewards(
                 y = t
                 label_info = {"labels": len(idx), "label": "rating = gold aesthetic + noise"}
             label_info["noise_std"] = spec["noise_std"]
-            label_info["label_pearson_with_gold"] = round(_pearson(y, target[idx]), 4)
+            label_info["label_pearson_with_gold"] = round(pearson(y, target[idx]), 4)
             ii = torch.tensor(idx)
             for _ in range(steps):
                 loss = torch.nn.functional.mse_loss(head(img[ii], txt_sel(txt, ii), x[ii]), y)
@@ -428,7 +429,7 @@ def train_learned_rewards(
             "scale": scl,
             "gold_target": spec["target"],
             "train_steps": steps,
-            "train_fit_pearson": round(_pearson(raw, target[idx]), 4),
+            "train_fit_pearson": round(pearson(raw, target[idx]), 4),
             **label_info,
         }
         save_file(
@@ -444,10 +445,3 @@ def train_learned_rewards(
 
 def txt_sel(txt: torch.Tensor, ii: torch.Tensor) -> torch.Tensor:
     return txt[ii]
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double().flatten() - a.double().mean()
-    b = b.double().flatten() - b.double().mean()
-    d = float(a.norm() * b.norm())
-    return float(a @ b) / d if d > 0 else 0.0
