@@ -103,8 +103,12 @@ class TrainConfig:
         "Samples with NaN/inf rewards are left out of the update; past this fraction of an "
         "epoch the run stops with an error (its last checkpoint intact).",
     )
-    per_prompt_normalization: bool = _f(
-        True, "Normalize rewards per prompt (else with the whole epoch's statistics)."
+    normalization: Literal["per_prompt", "group", "batch"] = _f(
+        "per_prompt",
+        "Reward normalization R~: per_prompt = each prompt's last norm_buffer_size rewards once "
+        "it has norm_min_count of them, else the batch's (the paper; its meaning drifts as the "
+        "buffers fill); group = each prompt's samples of this epoch only (GRPO; needs "
+        "sample.prompts_per_epoch with >= 2 samples per prompt); batch = the whole epoch's.",
     )
     norm_buffer_size: int = _f(32, "Per-prompt normalization: rewards kept per prompt.")
     norm_min_count: int = _f(
@@ -114,11 +118,17 @@ class TrainConfig:
 
 @dataclass
 class CriticConfig:
-    input: Literal["image", "latent"] = _f(
+    input: Literal["image", "x0", "latent"] = _f(
         "image",
         "What the critic sees: image = embed(decode(x_t)) with the frozen backbone (the paper; "
-        "T extra VAE decodes and backbone passes per sample); latent = x_t average-pooled to "
-        "4x8x8 plus the timestep (no decode, no backbone: the cheap critic).",
+        "T extra VAE decodes and backbone passes per sample); x0 = embed(decode(x0_hat)), the "
+        "denoiser's own estimate of the final image at that step (same cost); latent = x_t "
+        "average-pooled to 4x8x8 plus the timestep (no decode, no backbone: the cheap critic).",
+    )
+    prompt_input: bool = _f(
+        False,
+        "Also feed the prompt: the text encoder's hidden states averaged over tokens, "
+        "L2-normalized (the paper's critic sees no prompt).",
     )
     backbone: str = _f(
         "shapes-clip",
@@ -214,6 +224,12 @@ class LogConfig:
     progress: bool = _f(True, "Progress bars on the main process when attached to a terminal.")
     dump_tensors: bool = _f(
         False, "Debug: save per-process rewards and advantages of each epoch under debug/."
+    )
+    critic_reference: bool = _f(
+        False,
+        "TDPO: also score the denoiser's x0 estimate of every step with the training reward and "
+        "log critic_ref/q1..q4, how much of the critic's target it explains (an upper reference "
+        "for critic_ev/q1..q4; T extra decodes and reward calls per sample).",
     )
 
 
@@ -434,8 +450,20 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 _LEAF_TYPES = {name: tp for name, tp, _, _ in iter_fields()}
 
 
+# Keys of earlier versions that old run configs still hold: old key -> (new key, value map).
+RENAMED_KEYS = {
+    "train.per_prompt_normalization": (
+        "train.normalization",
+        lambda on: "per_prompt" if on else "batch",
+    ),
+}
+
+
 def set_value(config: Config, dotted: str, value: Any, source: str = "") -> None:
     """Set one leaf field by dotted name, type-checked."""
+    if dotted in RENAMED_KEYS:
+        dotted, convert = RENAMED_KEYS[dotted]
+        value = convert(value)
     if dotted not in _LEAF_TYPES:
         close = difflib.get_close_matches(dotted, list(_LEAF_TYPES), n=1)
         hint = f"did you mean {close[0]}?" if close else "see `tdpo train --help` for every field"
@@ -550,6 +578,15 @@ def validate(config: Config) -> None:
             t.norm_min_count,
             f"must be in [1, train.norm_buffer_size={t.norm_buffer_size}]",
         )
+    if t.normalization == "group":
+        group = s.samples_per_epoch // s.prompts_per_epoch if s.prompts_per_epoch else 1
+        if group < 2:
+            raise UsageError(
+                "train.normalization",
+                "group",
+                "needs groups of >= 2 samples per prompt: set sample.prompts_per_epoch to at "
+                f"most half of sample.samples_per_epoch={s.samples_per_epoch}",
+            )
     _positive("critic.learning_rate", c.learning_rate)
     _positive("critic.value_clip", c.value_clip)
     if c.value_coef < 0:

@@ -89,12 +89,13 @@ def embed_states(
 
 
 def trajectory_state_embeddings(
-    decode, embedder: nn.Module, latents: torch.Tensor, batch_size: int
+    decode, embedder: nn.Module, states: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
-    """Embeddings of the T states before each step, x_T ... x_1: latents [B, T+1, ...] -> [B, T, d]."""
-    b, t1 = latents.shape[:2]
-    states = latents[:, : t1 - 1].reshape(b * (t1 - 1), *latents.shape[2:])
-    return embed_states(decode, embedder, states, batch_size).view(b, t1 - 1, -1)
+    """Embeddings of states [B, S, C, h, w] (e.g. x_T ... x_1, or each step's x0 estimate),
+    decoded and embedded in batches -> [B, S, d]."""
+    b, s = states.shape[:2]
+    flat = states.reshape(b * s, *states.shape[2:])
+    return embed_states(decode, embedder, flat, batch_size).view(b, s, -1)
 
 
 LATENT_POOL = 8  # the cheap critic sees x_t average-pooled to C x 8 x 8

@@ -44,6 +44,7 @@ class Trajectory:
     ref_log_probs: torch.Tensor | None = None  # [B, T] under the frozen base model (KL penalty)
     pooled_embeds: torch.Tensor | None = None  # [B, P] SDXL's pooled text embedding (else None)
     negative_pooled: torch.Tensor | None = None  # [B, P] its unconditional counterpart (CFG)
+    x0_preds: torch.Tensor | None = None  # [B, T, C, h, w] the denoiser's x_0 estimate at step k
 
     @property
     def num_steps(self) -> int:
@@ -371,11 +372,13 @@ class DiffusionPolicy(nn.Module):
         noise: torch.Tensor,
         with_reference: bool = False,
         progress=None,
+        keep_x0: bool = False,
     ) -> Trajectory:
         """Sample trajectories for ``prompts`` with DDIM (eta > 0) and record every step.
 
         ``noise`` [B, T+1, C, h, w] holds x_T (``noise[:, 0]``) and the standard-normal draw of
         each step k (``noise[:, k+1]``), so that a sample is reproducible from its own seed.
+        ``keep_x0`` also records the denoiser's x_0 estimate of every step (``x0_preds``).
         """
         cfg = self.sample_cfg
         batch = len(prompts)
@@ -386,7 +389,7 @@ class DiffusionPolicy(nn.Module):
         conditions = (prompt_embeds, negative, cfg.guidance_scale, pooled, negative_pooled)
         noise = noise.to(self.device, torch.float32)
         latents = noise[:, 0] * self.scheduler.init_noise_sigma
-        all_latents, log_probs, ref_log_probs = [latents], [], []
+        all_latents, log_probs, ref_log_probs, x0_preds = [latents], [], [], []
         for k, t in enumerate(timesteps):
             noise_pred = self.predict_noise(unet, latents, t, *conditions)
             # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
@@ -404,6 +407,8 @@ class DiffusionPolicy(nn.Module):
                 ref_log_probs.append(ref.log_prob)
             latents = next_latents.float()
             all_latents.append(latents)
+            if keep_x0:
+                x0_preds.append(mean_std.pred_original.float())
             log_probs.append(log_prob)
             if progress is not None:
                 progress.update(1)
@@ -419,6 +424,7 @@ class DiffusionPolicy(nn.Module):
             ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
             pooled_embeds=pooled,
             negative_pooled=negative_pooled.clone() if negative_pooled is not None else None,
+            x0_preds=torch.stack(x0_preds, dim=1) if keep_x0 else None,
         )
 
     def step_log_prob(

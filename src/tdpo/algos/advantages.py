@@ -187,3 +187,49 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     b = b.double().flatten() - b.double().mean()
     d = (a.norm() * b.norm()).item()
     return float((a @ b).item() / d) if d > 0 else 0.0
+
+
+def group_normalize(rewards: torch.Tensor, groups: list, eps: float = 1e-6) -> torch.Tensor:
+    """``(r - mean_g) / (std_g + eps)`` within each group g (GRPO's group-relative reward): every
+    sample is compared only with the other samples of its prompt drawn in the same epoch, so the
+    target means the same thing from the first epoch to the last. A group of one gets 0."""
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for rows in by_group.values():
+        values = rewards[rows].float()
+        out[rows] = (values - values.mean()) / (values.std(correction=0) + eps)
+    return out
+
+
+def step_quarters(num_steps: int) -> list[range]:
+    """The denoising steps 0..T-1 cut into 4 contiguous quarters (q1 = the first steps, from
+    noise; q4 = the last, nearest the image); with T < 4 some quarters are empty."""
+    bounds = [i * num_steps // 4 for i in range(5)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(4)]
+
+
+def explained_variance_by_quarter(
+    predicted: torch.Tensor, target: torch.Tensor
+) -> dict[str, float]:
+    """``q1`` ... ``q4``: :func:`explained_variance` of ``predicted`` [N, T] for ``target`` [N, T]
+    over each quarter of the steps (nan for an empty quarter)."""
+    out = {}
+    for i, steps in enumerate(step_quarters(target.shape[1]), start=1):
+        cols = list(steps)
+        out[f"q{i}"] = (
+            explained_variance(predicted[:, cols], target[:, cols]) if cols else float("nan")
+        )
+    return out
+
+
+def r2_by_quarter(reference: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """``q1`` ... ``q4``: the mean over each quarter's steps k of ``pearson(reference[:, k],
+    target[:, k])^2``, the share of the target's variance that ``reference`` explains linearly
+    at that step (the critic's upper reference)."""
+    out = {}
+    for i, steps in enumerate(step_quarters(target.shape[1]), start=1):
+        r2 = [pearson(reference[:, k], target[:, k]) ** 2 for k in steps]
+        out[f"q{i}"] = sum(r2) / len(r2) if r2 else float("nan")
+    return out

@@ -42,12 +42,15 @@ class DDIMStepOutput(NamedTuple):
         mean: ``mu_theta(x_t, t)``, the mean of the transition, same shape as ``sample``
             (computation dtype).
         std: ``sigma_t = eta * sqrt(variance_t)``, shape ``[B, 1, ..., 1]`` (computation dtype).
+        pred_original: the denoiser's estimate of x_0 at this step (after clipping/thresholding
+            as the scheduler's config says), same shape as ``sample``.
     """
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    pred_original: torch.Tensor
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -213,4 +216,4 @@ def ddim_step_logprob(
 
     # log pi(x_{t-1} | x_t): mean over non-batch dims; 0 where sigma_t == 0 (deterministic step)
     log_prob = gaussian_log_prob(prev_sample.detach(), prev_sample_mean, std_dev_t)
-    return DDIMStepOutput(prev_sample, log_prob, prev_sample_mean, std_dev_t)
+    return DDIMStepOutput(prev_sample, log_prob, prev_sample_mean, std_dev_t, pred_original_sample)

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from tdpo.algos.advantages import (
     PerPromptStatTracker,
     explained_variance,
+    explained_variance_by_quarter,
+    group_normalize,
     normalize_advantages,
+    r2_by_quarter,
     returns_from_rewards,
     temporal_advantages,
 )
@@ -53,7 +57,9 @@ from tdpo.errors import NonFiniteRewards, UsageError
 from tdpo.methods.base import Method, optimizer_step, unwrap_optimizer
 from tdpo.paths import resolve_alias
 from tdpo.policy import Trajectory, unwrap
-from tdpo.sampling import derive_seed, sample_noise
+from tdpo.sampling import derive_seed, sample_noise, score_images
+
+REFERENCE_STATS_BATCH = 8  # states per process the reference code scores neurons on
 
 
 @dataclass
@@ -90,6 +96,7 @@ class PolicyGradient(Method):
     """What DDPO and TDPO share: sampling, rewards, normalization, returns, PPO-clip updates."""
 
     slice_major: ClassVar[bool] = False  # update order: timestep slices outermost (TDPO)
+    keep_x0: bool = False  # sampling records the denoiser's x0 estimate of every step
 
     @classmethod
     def plan_updates(cls, config, samples_per_process: int, minibatches: int):
@@ -151,6 +158,7 @@ class PolicyGradient(Method):
                         noise.to(tr.device),
                         with_reference=self.use_kl,
                         progress=bar,
+                        keep_x0=self.keep_x0,
                     )
                 trajectories.append(traj)
                 tr.check_signal()
@@ -160,12 +168,16 @@ class PolicyGradient(Method):
     def normalize(
         self, all_rewards: torch.Tensor, global_prompts: list[str], finite: torch.Tensor
     ) -> torch.Tensor:
-        """R~: per prompt (buffered statistics) or over the batch; non-finite rewards get 0."""
+        """R~ (``train.normalization``): per prompt with buffered statistics (the paper), per
+        prompt within this epoch's group (GRPO), or over the batch; non-finite rewards get 0."""
         normalized = torch.zeros_like(all_rewards)
         good = all_rewards[finite]
-        if self.trainer.config.train.per_prompt_normalization:
-            prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
+        prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
+        mode = self.trainer.config.train.normalization
+        if mode == "per_prompt":
             normalized[finite] = self.tracker.update(prompts, good)
+        elif mode == "group":
+            normalized[finite] = group_normalize(good, prompts).to(normalized.dtype)
         else:
             normalized[finite] = (good - good.mean()) / (good.std(unbiased=False) + 1e-6)
         return normalized
@@ -194,7 +206,7 @@ class PolicyGradient(Method):
             kl = kl_estimate(traj.log_probs, traj.ref_log_probs, cfg.kl.estimator)
         returns = returns_from_rewards(normalized, cfg.sample.num_steps, kl, self.kl_ctl.value)
         batch = EpochBatch.from_trajectory(traj, advantages=returns)
-        metrics = self.set_advantages(batch, finite, local)
+        metrics = self.set_advantages(batch, traj, global_prompts, finite, local)
         t_value = time.perf_counter()
         if cfg.log.dump_tensors:
             self.dump(epoch, rewards, all_rewards, normalized_all, batch.advantages, global_prompts)
@@ -234,7 +246,12 @@ class PolicyGradient(Method):
         return metrics
 
     def set_advantages(
-        self, batch: EpochBatch, finite: torch.Tensor, local: slice
+        self,
+        batch: EpochBatch,
+        traj: Trajectory,
+        global_prompts: list[str],
+        finite: torch.Tensor,
+        local: slice,
     ) -> dict[str, float]:
         """DDPO: A = R~ at every step (minus KL terms if enabled): the returns as they are."""
         return {}
@@ -395,15 +412,19 @@ class TDPO(PolicyGradient):
     def __init__(self, trainer):
         super().__init__(trainer)
         cfg = trainer.config
+        unet_cfg = trainer.policy.unet.config
         self.embedder = None
-        if cfg.critic.input == "image":
+        if cfg.critic.input in ("image", "x0"):
             self.embedder = load_image_embedder(
                 resolve_alias(cfg.critic.backbone), trainer.device, trainer.weight_dtype
             )
             in_dim, timestep_input = self.embedder.embed_dim, cfg.critic.timestep_input
         else:  # the cheap critic: pooled latents and the timestep
-            in_dim = latent_feature_dim(trainer.policy.unet.config.in_channels)
+            in_dim = latent_feature_dim(unet_cfg.in_channels)
             timestep_input = True
+        if cfg.critic.prompt_input:  # the prompt's text features, [cross_attention_dim]
+            in_dim += unet_cfg.cross_attention_dim
+        self.keep_x0 = cfg.critic.input == "x0" or cfg.log.critic_reference
         self.critic = CriticHead(
             in_dim,
             cfg.critic.head,
@@ -441,23 +462,63 @@ class TDPO(PolicyGradient):
             str(directory / "critic_head.safetensors"),
         )
 
-    def state_embeddings(self, traj_latents: torch.Tensor) -> torch.Tensor:
-        """What the critic sees of the T states before each step: [N, T, d]."""
+    def state_features(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the critic sees of the T states before each step, [N, T, d], and (with
+        ``log.critic_reference``) the training reward of each step's x0 estimate, [N, T]."""
         tr = self.trainer
-        if tr.config.critic.input == "latent":
-            return latent_state_features(traj_latents[:, :-1])
-        with tr.accelerator.autocast():
-            return trajectory_state_embeddings(
-                tr.policy.decode, self.embedder, traj_latents, tr.config.critic.embed_batch_size
-            )
+        cfg = tr.config
+        n, T = traj.log_probs.shape
+        reference = None
+        if cfg.critic.input == "latent":
+            features = latent_state_features(traj.latents[:, :-1])
+        else:
+            # x_T ... x_1 (the states before each step), or each step's estimate of x_0
+            states = traj.x0_preds if cfg.critic.input == "x0" else traj.latents[:, :-1]
+            with tr.accelerator.autocast():
+                features = trajectory_state_embeddings(
+                    tr.policy.decode, self.embedder, states, cfg.critic.embed_batch_size
+                )
+        if cfg.log.critic_reference:
+            reference = self.x0_rewards(traj)
+        if cfg.critic.prompt_input:
+            text = F.normalize(traj.prompt_embeds.float().mean(dim=1), dim=-1)  # [N, D]
+            features = torch.cat([features, text[:, None].expand(n, T, -1)], dim=-1)
+        return features, reference
+
+    @torch.no_grad()
+    def x0_rewards(self, traj: Trajectory) -> torch.Tensor:
+        """The training reward of decode(x0_hat) at every step, [N, T] (the critic's reference)."""
+        tr = self.trainer
+        n, T = traj.log_probs.shape
+        states = traj.x0_preds.reshape(n * T, *traj.x0_preds.shape[2:])
+        prompts = [p for p in traj.prompts for _ in range(T)]
+        size = tr.config.critic.embed_batch_size
+        values = []
+        for lo in range(0, n * T, size):
+            with tr.accelerator.autocast():
+                images = tr.policy.decode(states[lo : lo + size])
+            values.append(score_images({"r": tr.reward_fn}, images, prompts[lo : lo + size])["r"])
+        return torch.cat(values).to(tr.device).view(n, T)
 
     def set_advantages(
-        self, batch: EpochBatch, finite: torch.Tensor, local: slice
+        self,
+        batch: EpochBatch,
+        traj: Trajectory,
+        global_prompts: list[str],
+        finite: torch.Tensor,
+        local: slice,
     ) -> dict[str, float]:
         """V_old for every state; A_k = G_k - V_old(k), normalized over all samples and steps of
-        all processes; non-finite rewards are left out (advantage 0, no critic signal)."""
+        all processes; non-finite rewards are left out (advantage 0, no critic signal).
+
+        Logs ``critic_ev`` (all steps) and ``critic_ev/q1..q4`` (quarters of the steps, q4 nearest
+        the image): the share of the return's variance that V_old explains on this epoch's fresh
+        samples (1 perfect, 0 no better than a constant); with ``log.critic_reference`` also
+        ``critic_ref/q1..q4``, the share that the training reward of the denoiser's own x0
+        estimate explains (centred and scaled per prompt like the target, unless
+        ``train.normalization=batch``)."""
         tr = self.trainer
-        embeddings = self.state_embeddings(batch.latents)
+        embeddings, reference = self.state_features(traj)
         self.critic.eval()
         with torch.no_grad():
             old_values = self.critic(embeddings, batch.timesteps)
@@ -469,12 +530,24 @@ class TDPO(PolicyGradient):
         local_finite = finite[local].to(tr.device)
         batch.returns = torch.where(local_finite[:, None], returns, old_values)
         batch.old_values, batch.state_embeddings = old_values, embeddings
-        return {
-            "critic_ev": explained_variance(
-                tr.gather(old_values)[finite], tr.gather(batch.returns)[finite]
-            ),
+        values_all = tr.gather(old_values)[finite]
+        returns_all = tr.gather(batch.returns)[finite]
+        metrics = {
+            "critic_ev": explained_variance(values_all, returns_all),
             "value_mean": float(tr.gather(old_values).mean()),
         }
+        for q, ev in explained_variance_by_quarter(values_all, returns_all).items():
+            metrics[f"critic_ev/{q}"] = ev
+        if reference is not None:
+            ref_all = tr.gather(reference)[finite]
+            prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
+            if tr.config.train.normalization != "batch":
+                ref_all = torch.stack(
+                    [group_normalize(ref_all[:, k], prompts) for k in range(ref_all.shape[1])], 1
+                )
+            for q, r2 in r2_by_quarter(ref_all, returns_all).items():
+                metrics[f"critic_ref/{q}"] = r2
+        return metrics
 
     def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
         return self.neurons(epoch, batch.state_embeddings, batch.timesteps)
@@ -493,18 +566,25 @@ class TDPO(PolicyGradient):
         flat_emb = embeddings.reshape(n * T, -1)[pick]
         flat_t = timesteps.reshape(n * T)[pick]
         head = unwrap(self.critic)
-        inputs = tr.gather(head.features(flat_emb, flat_t))[: cfg.stats_batch_size]
+        features = head.features(flat_emb, flat_t)
+        inputs = tr.gather(features)[: cfg.stats_batch_size]
         scores = neuron_scores(head.mlp, inputs)
         dormant, active = neuron_masks(scores, cfg.tau)
         dormant_frac, active_frac = neuron_fractions(dormant)
+        # The reference code scores REFERENCE_STATS_BATCH states per process: dormancy depends
+        # strongly on how many inputs score a neuron (0 % at 256 is 7 % at 8 for a fresh head).
+        small = tr.gather(features[:REFERENCE_STATS_BATCH])
+        small_dormant, _ = neuron_masks(neuron_scores(head.mlp, small), cfg.tau)
         out = {
             "dormant_fraction": dormant_frac,
             "active_fraction": active_frac,
+            f"dormant_fraction/b{REFERENCE_STATS_BATCH}": neuron_fractions(small_dormant)[0],
             "dormant_overlap": dormant_overlap(self.prev_dormant, dormant),
             "neurons_reset": 0,
         }
         self.prev_dormant = dormant
-        if cfg.enabled and (epoch + 1) % cfg.every == 0:
+        last_epoch = epoch + 1 == tr.config.train.epochs  # a reset then would train nothing
+        if cfg.enabled and (epoch + 1) % cfg.every == 0 and not last_epoch:
             masks = {
                 "active": active,
                 "dormant": dormant,
