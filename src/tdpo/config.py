@@ -138,6 +138,17 @@ class CriticConfig:
         "linear", "Critic head: the reference linear MLP (no nonlinearity) or the same with ReLU."
     )
     timestep_input: bool = _f(False, "Feed the normalized timestep to the head as well.")
+    init: Literal["reference", "fan_in"] = _f(
+        "reference",
+        "Head weights: reference = every layer N(0, (1/(d+1))^2) (d the input width; the output "
+        "starts near 0 and a linear 5-layer head barely moves from there); fan_in = each layer "
+        "N(0, 1/fan_in). Resets redraw from the same distribution.",
+    )
+    standardize: bool = _f(
+        False,
+        "Standardize the head's input with running per-feature mean and std (observation "
+        "normalization; the reference head sees raw L2-normalized embeddings).",
+    )
     learning_rate: float = _f(1e-3, "Critic AdamW learning rate (the paper: 1e-4).")
     value_clip: float = _f(0.2, "Clip range of the value loss around V_old.")
     value_coef: float = _f(1.0, "Weight c_v of the value loss.")

@@ -16,11 +16,15 @@ HEAD_WIDTHS = (1024, 128, 64, 16)
 HEAD_DROPOUT = (0.2, 0.2, 0.1, 0.0)
 
 
-def build_head(in_dim: int, kind: str = "linear") -> nn.Sequential:
+def build_head(in_dim: int, kind: str = "linear", init: str = "reference") -> nn.Sequential:
     """``Linear(d,1024)-Dropout(.2)-Linear(1024,128)-Dropout(.2)-Linear(128,64)-Dropout(.1)-
     Linear(64,16)-Linear(16,1)``; ``kind="relu"`` adds a ReLU after each hidden Linear.
 
-    Weights are drawn from N(0, (1/(d+1))^2) and biases are zero, as in the reference code.
+    Biases are zero. ``init="reference"``: every weight from N(0, (1/(d+1))^2) with d the head's
+    input width, as the reference code (the output starts near 0 and, through five such layers,
+    moves little: a deep linear chain initialized near its saddle at zero); ``init="fan_in"``:
+    each hidden layer's weights from N(0, 1/fan_in) (LeCun), so every layer passes its input's
+    scale on, and the output layer at zero (V starts at 0, as with the reference init).
     """
     layers: list[nn.Module] = []
     width = in_dim
@@ -33,12 +37,19 @@ def build_head(in_dim: int, kind: str = "linear") -> nn.Sequential:
         width = out
     layers.append(nn.Linear(width, 1))
     head = nn.Sequential(*layers)
-    std = head_init_std(in_dim)
     for module in head.modules():
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=layer_init_std(module, in_dim, init))
             nn.init.zeros_(module.bias)
     return head
+
+
+def layer_init_std(layer: nn.Linear, head_in_dim: int, init: str) -> float:
+    """The standard deviation a layer's weights are drawn from (initialization and resets);
+    with ``fan_in`` the output layer starts at zero, so V starts at 0 and learns from there."""
+    if init == "reference":
+        return head_init_std(head_in_dim)
+    return 0.0 if layer.out_features == 1 else layer.in_features**-0.5
 
 
 def head_init_std(in_dim: int) -> float:
@@ -46,7 +57,13 @@ def head_init_std(in_dim: int) -> float:
 
 
 class CriticHead(nn.Module):
-    """The trainable part: maps a state embedding (and optionally t) to a value."""
+    """The trainable part: maps a state embedding (and optionally t) to a value.
+
+    ``standardize`` keeps running statistics of the head's input (mean and variance per feature,
+    over every state valued so far, as PPO implementations do for observations) and feeds it
+    ``(x - mean) / std``: the states' embeddings differ from each other by a small part of their
+    length, which a head on raw L2-normalized embeddings must first learn to amplify.
+    """
 
     def __init__(
         self,
@@ -54,20 +71,56 @@ class CriticHead(nn.Module):
         kind: str = "linear",
         timestep_input: bool = False,
         num_train_timesteps: int = 1000,
+        standardize: bool = False,
+        init: str = "reference",
     ):
         super().__init__()
         self.timestep_input = timestep_input
         self.num_train_timesteps = num_train_timesteps
         self.in_dim = embed_dim + int(timestep_input)
-        self.mlp = build_head(self.in_dim, kind)
-        self.weight_std = head_init_std(self.in_dim)
+        self.standardize = standardize
+        if standardize:  # running statistics, saved with the head (checkpoints, final/)
+            self.register_buffer("feature_count", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("feature_mean", torch.zeros(self.in_dim, dtype=torch.float64))
+            self.register_buffer("feature_var", torch.ones(self.in_dim, dtype=torch.float64))
+        self.init = init
+        self.mlp = build_head(self.in_dim, kind, init)
 
-    def features(self, embeddings: torch.Tensor, timesteps: torch.Tensor | None) -> torch.Tensor:
-        """The head's input: the embedding, with t / num_train_timesteps appended if enabled."""
+    def weight_std(self, layer: nn.Linear) -> float:
+        """The standard deviation ``layer``'s weights were drawn from (resets redraw from it)."""
+        return layer_init_std(layer, self.in_dim, self.init)
+
+    def raw_features(
+        self, embeddings: torch.Tensor, timesteps: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The embedding, with t / num_train_timesteps appended if enabled."""
         if not self.timestep_input:
             return embeddings
         t = timesteps.to(embeddings.dtype).unsqueeze(-1) / self.num_train_timesteps
         return torch.cat([embeddings, t], dim=-1)
+
+    def features(self, embeddings: torch.Tensor, timesteps: torch.Tensor | None) -> torch.Tensor:
+        """The head's input: :meth:`raw_features`, standardized if enabled."""
+        x = self.raw_features(embeddings, timesteps)
+        if not self.standardize:
+            return x
+        std = (self.feature_var + STANDARDIZE_EPS).sqrt()
+        return ((x - self.feature_mean.to(x.dtype)) / std.to(x.dtype)).to(x.dtype)
+
+    @torch.no_grad()
+    def update_statistics(self, embeddings: torch.Tensor, timesteps: torch.Tensor | None) -> None:
+        """Merge the features of ``embeddings`` [..., d] into the running mean and variance
+        (Chan et al.'s parallel update; every process must pass the same, gathered, states)."""
+        if not self.standardize:
+            return
+        x = self.raw_features(embeddings, timesteps).reshape(-1, self.in_dim).double()
+        n, total = x.shape[0], self.feature_count + x.shape[0]
+        mean, var = x.mean(0), x.var(0, correction=0)
+        delta = mean - self.feature_mean
+        self.feature_mean += delta * n / total
+        m2 = self.feature_var * self.feature_count + var * n
+        self.feature_var.copy_((m2 + delta**2 * self.feature_count * n / total) / total)
+        self.feature_count.copy_(total)
 
     def forward(
         self, embeddings: torch.Tensor, timesteps: torch.Tensor | None = None
@@ -97,6 +150,8 @@ def trajectory_state_embeddings(
     flat = states.reshape(b * s, *states.shape[2:])
     return embed_states(decode, embedder, flat, batch_size).view(b, s, -1)
 
+
+STANDARDIZE_EPS = 1e-8  # added to the running variance before its square root
 
 LATENT_POOL = 8  # the cheap critic sees x_t average-pooled to C x 8 x 8
 

@@ -71,3 +71,46 @@ def test_old_run_configs_still_load():
     off = build_config(base={"train": {"per_prompt_normalization": False}})
     on = build_config(base={"train": {"per_prompt_normalization": True}})
     assert (off.train.normalization, on.train.normalization) == ("batch", "per_prompt")
+
+
+def test_standardized_head_keeps_the_pooled_statistics_of_every_update():
+    from tdpo.critic import CriticHead
+
+    head = CriticHead(6, timestep_input=True, standardize=True)
+    gen = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randn(10, 3, 6, generator=gen) * 5 + 2,
+        torch.randn(7, 3, 6, generator=gen),
+    )
+    t1, t2 = (
+        torch.randint(0, 1000, (10, 3), generator=gen),
+        torch.randint(0, 1000, (7, 3), generator=gen),
+    )
+    head.update_statistics(first, t1)
+    head.update_statistics(second, t2)
+    pooled = torch.cat(
+        [head.raw_features(first, t1).reshape(-1, 7), head.raw_features(second, t2).reshape(-1, 7)]
+    ).double()
+    torch.testing.assert_close(head.feature_mean, pooled.mean(0))
+    torch.testing.assert_close(head.feature_var, pooled.var(0, correction=0))
+    standardized = head.features(second, t2).reshape(-1, 7)
+    expected = (head.raw_features(second, t2).reshape(-1, 7) - pooled.mean(0)) / pooled.std(
+        0, correction=0
+    )
+    torch.testing.assert_close(standardized, expected.float(), atol=1e-5, rtol=1e-5)
+    assert "feature_mean" in head.state_dict()  # saved with the head (checkpoints, final/)
+
+
+def test_fan_in_init_starts_at_zero_and_resets_redraw_per_layer():
+    from tdpo.algos.neurons import reset_neurons
+    from tdpo.critic import CriticHead
+
+    head = CriticHead(32, kind="relu", init="fan_in")
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert torch.count_nonzero(linears[-1].weight) == 0
+    assert linears[0].weight.std().item() == pytest.approx(32**-0.5, rel=0.1)
+    assert linears[1].weight.std().item() == pytest.approx(1024**-0.5, rel=0.1)
+    masks = [torch.ones(layer.out_features, dtype=torch.bool) for layer in linears[:-1]]
+    reset_neurons(head.mlp, masks, head.weight_std, generator=torch.Generator().manual_seed(3))
+    assert linears[1].weight.std().item() == pytest.approx(1024**-0.5, rel=0.1)
+    assert torch.count_nonzero(linears[-1].weight) == 0  # the output layer's own init is zero

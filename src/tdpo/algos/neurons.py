@@ -14,6 +14,7 @@ neurons; ReDo the dormant ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -116,7 +117,7 @@ def _normal(
 def reset_neurons(
     head: nn.Module,
     masks: list[torch.Tensor],
-    weight_std: float,
+    weight_std: float | Callable[[nn.Linear], float],
     optimizer: torch.optim.Optimizer | None = None,
     outgoing: str = "redraw",
     generator: torch.Generator | None = None,
@@ -124,7 +125,7 @@ def reset_neurons(
     """Re-initialize the selected neurons of every hidden layer, in place.
 
     For hidden layer l and each neuron i with ``masks[l][i]``:
-    ``W_l[i, :] ~ N(0, weight_std^2)``, ``b_l[i] = 0``, and the outgoing weights
+    ``W_l[i, :] ~ N(0, std_l^2)``, ``b_l[i] = 0``, and the outgoing weights
     ``W_{l+1}[:, i]`` are redrawn from the same distribution (``outgoing="redraw"``, the reference
     code) or zeroed (``outgoing="zero"``, ReDo). The optimizer's Adam/AdamW moments
     (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) of exactly these entries are zeroed, looked
@@ -134,7 +135,8 @@ def reset_neurons(
         head: the critic head.
         masks: one boolean ``[out_features]`` mask per hidden layer (e.g. the *active* masks for
             TDPO-R, the dormant ones for ReDo).
-        weight_std: standard deviation of the re-drawn weights.
+        weight_std: standard deviation of the re-drawn weights, or a function of the layer
+            giving it (the layer's own initialization).
         optimizer: the head's optimizer, or None.
         outgoing: ``"redraw"`` or ``"zero"``.
         generator: RNG for the re-drawn weights.
@@ -144,6 +146,7 @@ def reset_neurons(
     """
     if outgoing not in ("redraw", "zero"):
         raise ValueError(f"outgoing must be 'redraw' or 'zero', got {outgoing!r}")
+    std_of = weight_std if callable(weight_std) else (lambda _layer: weight_std)
     linears = _linear_layers(head)
     hidden = linears[:-1]
     if len(masks) != len(hidden):
@@ -165,7 +168,7 @@ def reset_neurons(
         total += n
 
         # incoming weights W_l[i, :] and bias b_l[i]
-        layer.weight[idx] = _normal((n, layer.in_features), weight_std, layer.weight, generator)
+        layer.weight[idx] = _normal((n, layer.in_features), std_of(layer), layer.weight, generator)
         _zero_moments(optimizer, layer.weight, (idx,))
         if layer.bias is not None:
             layer.bias[idx] = 0
@@ -174,7 +177,7 @@ def reset_neurons(
         # outgoing weights W_{l+1}[:, i]
         if outgoing == "redraw":
             next_layer.weight[:, idx] = _normal(
-                (next_layer.out_features, n), weight_std, next_layer.weight, generator
+                (next_layer.out_features, n), std_of(next_layer), next_layer.weight, generator
             )
         else:
             next_layer.weight[:, idx] = 0

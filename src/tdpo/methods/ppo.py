@@ -430,6 +430,8 @@ class TDPO(PolicyGradient):
             cfg.critic.head,
             timestep_input,
             trainer.policy.scheduler.config.num_train_timesteps,
+            standardize=cfg.critic.standardize,
+            init=cfg.critic.init,
         ).to(trainer.device)
         self.prev_dormant: list[torch.Tensor] | None = None
 
@@ -519,6 +521,7 @@ class TDPO(PolicyGradient):
         ``train.normalization=batch``)."""
         tr = self.trainer
         embeddings, reference = self.state_features(traj)
+        unwrap(self.critic).update_statistics(tr.gather(embeddings), tr.gather(batch.timesteps))
         self.critic.eval()
         with torch.no_grad():
             old_values = self.critic(embeddings, batch.timesteps)
