@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny models built from configs once per session (no download)."""
+"""Fixtures only: tiny models built from configs once per session (no download), and a trainer
+factory on them. Shared helpers that are not fixtures live in ``tests/fixtures/``; no test
+module imports this file or another test module."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # robust when the 2 cores are shared (see docs/performance.md)
+# Helpers in tests/fixtures assert too: show their failures with pytest's introspection.
+pytest.register_assert_rewrite("tests.fixtures")
 
 
 @pytest.fixture(scope="session")
@@ -31,39 +35,21 @@ def tiny_clip_dir(tmp_path_factory):
     return path
 
 
-def tiny_overrides(pipeline_dir, clip_dir, **extra) -> dict:
-    """A TDPO config small enough for a CPU test: 8 samples, 4 steps."""
-    overrides = {
-        "model.pretrained": str(pipeline_dir),
-        "critic.backbone": str(clip_dir),
-        "reward.name": "jpeg_compressibility",
-        "reward.panel": [],
-        "prompts.train": "simple_animals",
-        "eval.every": 0,
-        "sample.num_steps": 4,
-        "sample.batch_size": 4,
-        "sample.samples_per_epoch": 8,
-        "sample.prompts_per_epoch": 0,
-        "sample.guidance_scale": 3.0,
-        "train.batch_size": 2,
-        "train.epochs": 2,
-        "train.norm_min_count": 2,
-        "train.norm_buffer_size": 4,
-        "critic.embed_batch_size": 16,
-        "log.tensorboard": False,
-        "log.progress": False,
-        "reset.stats_batch_size": 32,
-    }
-    overrides.update(extra)
-    return overrides
+@pytest.fixture()
+def make_trainer(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    """``make_trainer(preset="tdpo-r", *, run_dir=tmp_path / "run", pipeline_dir=the tiny
+    pipeline, log=silent, **overrides)``: a Trainer on the tiny config
+    (``tests.fixtures.factories.tiny_overrides``) with ``overrides`` applied."""
+    from tests.fixtures.factories import build_trainer
 
+    def make(preset="tdpo-r", *, run_dir=None, pipeline_dir=None, log=None, **overrides):
+        return build_trainer(
+            pipeline_dir or tiny_pipeline_dir,
+            tiny_clip_dir,
+            run_dir or tmp_path / "run",
+            preset,
+            log,
+            **overrides,
+        )
 
-def as_set_args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        elif isinstance(value, list):
-            value = "[" + ",".join(map(str, value)) + "]"
-        args += ["--set", f"{key}={value}"]
-    return args
+    return make

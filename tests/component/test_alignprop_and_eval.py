@@ -7,28 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdpo.config import build_config
-from tdpo.trainers.loop import Trainer
-from tests.conftest import tiny_overrides
-
 SEEN = Path(__file__).parents[1] / "data" / "seen.txt"
 
 
-def _trainer(pipeline_dir, clip_dir, run_dir, preset="tdpo-r", **extra):
-    config = build_config(preset, overrides=tiny_overrides(pipeline_dir, clip_dir, **extra))
-    return Trainer(config, run_dir, log=lambda _: None)
+def test_one_alignprop_step_changes_lora_and_raises_a_differentiable_reward(make_trainer):
+    from tdpo.methods.alignprop import sample_with_grad
+    from tdpo.sampling import sample_noise
 
-
-def test_one_alignprop_step_changes_lora_and_raises_a_differentiable_reward(
-    tiny_pipeline_dir, tiny_clip_dir, tmp_path
-):
-    from tdpo.trainers.alignprop import sample_with_grad
-    from tdpo.trainers.loop import sample_noise
-
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        tmp_path / "run",
+    tr = make_trainer(
         "alignprop",
         **{
             "reward.name": "tests.rewards_for_tests:brightness",
@@ -37,7 +23,7 @@ def test_one_alignprop_step_changes_lora_and_raises_a_differentiable_reward(
             "train.alignprop_steps": 2,
         },
     )
-    assert tr.schedule.updates_per_epoch == 1 and tr.critic is None
+    assert tr.schedule.updates_per_epoch == 1 and getattr(tr.method, "critic", None) is None
     noise = sample_noise(list(range(4)), (5, 4, 8, 8))
     prompts = ["a red cat", "a blue dog", "a photo of a fish", "a cat"]
 
@@ -61,13 +47,10 @@ def test_one_alignprop_step_changes_lora_and_raises_a_differentiable_reward(
     assert metrics["reward_queries"] == 4
 
 
-def test_alignprop_refuses_a_non_differentiable_reward(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+def test_alignprop_refuses_a_non_differentiable_reward(make_trainer):
     from tdpo.errors import UsageError
 
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        tmp_path / "run",
+    tr = make_trainer(
         "alignprop",
         **{"sample.samples_per_epoch": 4},
     )
@@ -75,11 +58,8 @@ def test_alignprop_refuses_a_non_differentiable_reward(tiny_pipeline_dir, tiny_c
         tr.epoch_step(0)
 
 
-def test_evaluation_is_reproducible_and_keyed_by_set(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        tmp_path / "run",
+def test_evaluation_is_reproducible_and_keyed_by_set(make_trainer, tmp_path):
+    tr = make_trainer(
         **{
             "eval.every": 1,
             "eval.prompt_sets": [f"seen={SEEN}"],
@@ -102,43 +82,32 @@ def test_evaluation_is_reproducible_and_keyed_by_set(tiny_pipeline_dir, tiny_cli
     assert (tmp_path / "run" / "samples" / "eval_seen_epoch_0000.png").is_file()
 
 
-def test_nonfinite_rewards_are_left_out_and_counted(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        tmp_path / "run",
+def test_nonfinite_rewards_are_left_out_and_counted(make_trainer):
+    tr = make_trainer(
         **{"reward.name": "tests.rewards_for_tests:nan_once", "train.max_nonfinite_fraction": 0.5},
     )
     metrics = tr.epoch_step(0)
     assert metrics["nonfinite_rewards"] == 1  # the reward scores the whole epoch at once
     assert all(torch.isfinite(p).all() for p in tr.unet.parameters())
-    assert all(torch.isfinite(p).all() for p in tr.critic.parameters())
+    assert all(torch.isfinite(p).all() for p in tr.method.critic.parameters())
     assert metrics["reward_mean"] == metrics["reward_mean"]  # not NaN
 
 
-def test_too_many_nonfinite_rewards_stop_the_run(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    from tdpo.trainers.loop import NonFiniteRewards
+def test_too_many_nonfinite_rewards_stop_the_run(make_trainer):
+    from tdpo.errors import NonFiniteRewards
 
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        tmp_path / "run",
+    tr = make_trainer(
         **{"reward.name": "tests.rewards_for_tests:nan_every_other"},
     )
     with pytest.raises(NonFiniteRewards, match="4 of 8"):
         tr.epoch_step(0)
 
 
-def test_overoptimization_monitor_keeps_the_best_lora_and_stops_early(
-    tiny_pipeline_dir, tiny_clip_dir, tmp_path
-):
+def test_overoptimization_monitor_keeps_the_best_lora_and_stops_early(make_trainer, tmp_path):
     from tdpo.tracking import read_metrics
 
     run = tmp_path / "run"
-    tr = _trainer(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        run,
+    tr = make_trainer(
         **{
             "eval.every": 1,
             "eval.prompt_sets": [f"seen={SEEN}"],
@@ -161,10 +130,8 @@ def test_overoptimization_monitor_keeps_the_best_lora_and_stops_early(
     assert improving or len(rows) < 7
 
 
-def test_monitor_must_name_an_eval_metric(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+def test_monitor_must_name_an_eval_metric(make_trainer):
     from tdpo.errors import UsageError
 
     with pytest.raises(UsageError, match="eval.monitor"):
-        _trainer(
-            tiny_pipeline_dir, tiny_clip_dir, tmp_path / "run", **{"eval.monitor": "reward_mean"}
-        )
+        make_trainer(**{"eval.monitor": "reward_mean"})

@@ -11,8 +11,7 @@ import torch
 from tdpo.config import build_config
 from tdpo.errors import UsageError
 from tdpo.policy import DiffusionPolicy, load_pipeline
-from tdpo.trainers.loop import Trainer, sample_noise
-from tests.conftest import tiny_overrides
+from tests.fixtures.factories import policy_noise
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 
@@ -24,12 +23,6 @@ def sdxl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sdxl") / "pipeline"
     build_tiny_sdxl_pipeline(path)
     return path
-
-
-def _noise(policy: DiffusionPolicy, batch: int, seed: int = 0) -> torch.Tensor:
-    c = policy.unet.config
-    shape = (policy.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
-    return sample_noise([seed + i for i in range(batch)], shape)
 
 
 def _policy(sdxl_dir, steps: int, guidance: float, **sample) -> DiffusionPolicy:
@@ -56,7 +49,7 @@ def _pipe_images(pipe, noise, steps=4, guidance=3.0):
 def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
     policy = _policy(sdxl_dir, 4, 3.0, eta=0.0)  # eta 0: a config refuses it, the test needs it
     assert policy.is_sdxl and type(policy.pipe).__name__ == "StableDiffusionXLPipeline"
-    noise = _noise(policy, 2, seed=3)
+    noise = policy_noise(policy, 2, seed=3)
     traj = policy.sample(policy.unet, PROMPTS, noise)
     assert traj.prompt_embeds.shape == (2, 16, 32)  # both encoders' states, concatenated
     assert traj.pooled_embeds.shape == (2, 16) and traj.negative_pooled.abs().sum() == 0
@@ -82,7 +75,7 @@ def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
     torch.manual_seed(0)
     for p in policy.trainable_parameters():
         p.data.normal_(0, 0.05)
-    traj = policy.sample(policy.unet, PROMPTS, _noise(policy, 2))
+    traj = policy.sample(policy.unet, PROMPTS, policy_noise(policy, 2))
     for k in range(3):
         log_prob = policy.step_log_prob(
             policy.unet,
@@ -106,12 +99,9 @@ def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
         )
 
 
-def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, tiny_clip_dir, tmp_path):
-    overrides = tiny_overrides(
-        sdxl_dir, tiny_clip_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2}
-    )
-    trainer = Trainer(
-        build_config("tdpo-r", overrides=overrides), tmp_path / "run", log=lambda _: None
+def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, make_trainer, tmp_path):
+    trainer = make_trainer(
+        pipeline_dir=sdxl_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2}
     )
     before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
     assert trainer.train() == 0
@@ -121,7 +111,7 @@ def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, tiny_cli
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     policy = trainer.policy
     policy.sample_cfg = dataclasses.replace(policy.sample_cfg, eta=0.0)
-    noise = _noise(policy, 2, seed=7)
+    noise = policy_noise(policy, 2, seed=7)
     ours = policy.sample(trainer.unet, PROMPTS, noise).images
     pipe = load_pipeline(str(sdxl_dir))
     base = _pipe_images(pipe, noise, guidance=policy.sample_cfg.guidance_scale)

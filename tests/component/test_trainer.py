@@ -9,30 +9,8 @@ import torch
 
 from tdpo.config import build_config
 from tdpo.policy import DiffusionPolicy, load_pipeline
-from tdpo.trainers.loop import Trainer, sample_noise
-from tests.conftest import tiny_overrides
-
-
-@pytest.fixture()
-def trainer(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    def make(**extra):
-        config = build_config(
-            "tdpo-r", overrides=tiny_overrides(tiny_pipeline_dir, tiny_clip_dir, **extra)
-        )
-        return Trainer(config, tmp_path / "run", log=lambda _: None)
-
-    return make
-
-
-def _noise(policy: DiffusionPolicy, batch: int, seed: int = 0) -> torch.Tensor:
-    unet = policy.unet
-    shape = (
-        policy.sample_cfg.num_steps + 1,
-        unet.config.in_channels,
-        unet.config.sample_size,
-        unet.config.sample_size,
-    )
-    return sample_noise([seed + i for i in range(batch)], shape)
+from tdpo.sampling import derive_seed
+from tests.fixtures.factories import policy_noise
 
 
 def _lora_params(unet) -> dict[str, torch.Tensor]:
@@ -53,7 +31,7 @@ def test_reevaluated_step_at_unchanged_weights_has_ratio_one(tiny_pipeline_dir):
     for p in policy.trainable_parameters():
         p.data.normal_(0, 0.05)
     traj = policy.sample(
-        policy.unet, ["a red cat", "a blue dog", "a photo of a fish"], _noise(policy, 3)
+        policy.unet, ["a red cat", "a blue dog", "a photo of a fish"], policy_noise(policy, 3)
     )
     assert traj.latents.shape == (3, 6, 4, 8, 8)
     assert traj.log_probs.shape == (3, 5) and torch.isfinite(traj.log_probs).all()
@@ -87,21 +65,21 @@ def test_sampling_reproducible_from_per_sample_seeds(tiny_pipeline_dir):
         overrides={"model.pretrained": str(tiny_pipeline_dir), "sample.num_steps": 3}
     )
     policy = DiffusionPolicy.from_config(config.model, config.sample)
-    both = policy.sample(policy.unet, ["a red cat", "a blue dog"], _noise(policy, 2))
-    second = policy.sample(policy.unet, ["a blue dog"], _noise(policy, 1, seed=1))
+    both = policy.sample(policy.unet, ["a red cat", "a blue dog"], policy_noise(policy, 2))
+    second = policy.sample(policy.unet, ["a blue dog"], policy_noise(policy, 1, seed=1))
     torch.testing.assert_close(both.latents[1:], second.latents, atol=1e-5, rtol=1e-5)
 
 
-def test_one_tdpo_epoch_changes_lora_and_critic(trainer):
-    tr = trainer()
+def test_one_tdpo_epoch_changes_lora_and_critic(make_trainer):
+    tr = make_trainer()
     lora_before = _lora_params(tr.unet)
-    critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in tr.method.critic.state_dict().items()}
     metrics = tr.epoch_step(0)
     changed_lora = [
         n for n, p in _lora_params(tr.unet).items() if not torch.equal(p, lora_before[n])
     ]
     changed_critic = [
-        k for k, v in tr.critic.state_dict().items() if not torch.equal(v, critic_before[k])
+        k for k, v in tr.method.critic.state_dict().items() if not torch.equal(v, critic_before[k])
     ]
     assert changed_lora, "no LoRA weight changed"
     assert len(changed_critic) == len(critic_before), "every critic tensor should change"
@@ -120,29 +98,29 @@ def test_one_tdpo_epoch_changes_lora_and_critic(trainer):
     assert metrics["reward_queries"] == 8
 
 
-def test_ddpo_epoch_has_no_critic_and_updates_lora(trainer):
-    tr = trainer(**{"train.algorithm": "ddpo", "train.updates_per_epoch": 2})
-    assert tr.critic is None and tr.embedder is None
+def test_ddpo_epoch_has_no_critic_and_updates_lora(make_trainer):
+    tr = make_trainer(**{"train.algorithm": "ddpo", "train.updates_per_epoch": 2})
+    assert tr.method.critic is None and not hasattr(tr.method, "embedder")
     before = _lora_params(tr.unet)
     metrics = tr.epoch_step(0)
     assert any(not torch.equal(p, before[n]) for n, p in _lora_params(tr.unet).items())
     assert "critic_loss" not in metrics and tr.schedule.updates_per_epoch == 2
 
 
-def test_tdpo_r_reset_changes_exactly_the_active_neurons(trainer):
-    tr = trainer(**{"reset.every": 1})
-    embeddings = torch.randn(8, 4, tr.embedder.embed_dim)
+def test_tdpo_r_reset_changes_exactly_the_active_neurons(make_trainer):
+    tr = make_trainer(**{"reset.every": 1})
+    embeddings = torch.randn(8, 4, tr.method.embedder.embed_dim)
     embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
     timesteps = torch.full((8, 4), 500)
-    head = tr.critic.mlp
+    head = tr.method.critic.mlp
     from tdpo.algos.neurons import hidden_linear_layers, neuron_masks, neuron_scores
 
     # The statistics batch is drawn inside; score on the same draw by replaying its generator.
     layers = hidden_linear_layers(head)
     before = [layer.weight.detach().clone() for layer in layers]
     bias_before = [layer.bias.detach().clone() for layer in layers]
-    tr.prev_dormant = None
-    out = tr.neurons(0, embeddings, timesteps)
+    tr.method.prev_dormant = None
+    out = tr.method.neurons(0, embeddings, timesteps)
     assert out["neurons_reset"] > 0
     changed_rows = [(b != layer.weight).any(dim=1) for b, layer in zip(before, layers)]
     total_active = sum(int(rows.sum()) for rows in changed_rows)
@@ -153,11 +131,11 @@ def test_tdpo_r_reset_changes_exactly_the_active_neurons(trainer):
         for layer, w, b in zip(layers, before, bias_before):
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-    gen = torch.Generator().manual_seed(
-        __import__("tdpo.trainers.loop", fromlist=["derive_seed"]).derive_seed(0, 5, 0)
-    )
+    gen = torch.Generator().manual_seed(derive_seed(0, 5, 0))
     pick = torch.randint(0, 32, (32,), generator=gen)
-    inputs = tr.critic.features(embeddings.reshape(32, -1)[pick], timesteps.reshape(32)[pick])
+    inputs = tr.method.critic.features(
+        embeddings.reshape(32, -1)[pick], timesteps.reshape(32)[pick]
+    )
     _, active = neuron_masks(neuron_scores(reference, inputs), 0.0)
     for rows, mask in zip(changed_rows, active):
         assert torch.equal(rows, mask)
@@ -165,16 +143,16 @@ def test_tdpo_r_reset_changes_exactly_the_active_neurons(trainer):
 
 
 def test_final_lora_loads_into_the_pipeline_and_gives_the_same_images(
-    trainer, tiny_pipeline_dir, tmp_path
+    make_trainer, tiny_pipeline_dir, tmp_path
 ):
-    tr = trainer(**{"train.epochs": 1, "train.learning_rate": 1e-2})
+    tr = make_trainer(**{"train.epochs": 1, "train.learning_rate": 1e-2})
     assert tr.train() == 0
     final = tmp_path / "run" / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     # Deterministic sampling (eta = 0) from the same x_T: trained policy vs pipeline + LoRA.
     policy = tr.policy
     policy.sample_cfg = dataclasses.replace(policy.sample_cfg, eta=0.0)
-    noise = _noise(policy, 2, seed=7)
+    noise = policy_noise(policy, 2, seed=7)
     prompts = ["a red cat", "a photo of a dog"]
     ours = policy.sample(tr.unet, prompts, noise).images
     pipe = load_pipeline(str(tiny_pipeline_dir))
@@ -190,8 +168,8 @@ def test_final_lora_loads_into_the_pipeline_and_gives_the_same_images(
     assert (base.float() - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
 
 
-def test_full_finetuning_trains_every_unet_weight_and_exports_the_unet(trainer, tmp_path):
-    tr = trainer(
+def test_full_finetuning_trains_every_unet_weight_and_exports_the_unet(make_trainer, tmp_path):
+    tr = make_trainer(
         **{
             "model.finetune": "full",
             "train.algorithm": "ddpo",
@@ -207,8 +185,8 @@ def test_full_finetuning_trains_every_unet_weight_and_exports_the_unet(trainer, 
     assert (tmp_path / "run" / "final" / "unet" / "config.json").is_file()
 
 
-def test_kl_penalty_uses_the_base_model_as_reference(trainer):
-    tr = trainer(**{"kl.coef": 0.1, "kl.estimator": "kl"})
+def test_kl_penalty_uses_the_base_model_as_reference(make_trainer):
+    tr = make_trainer(**{"kl.coef": 0.1, "kl.estimator": "kl"})
     metrics = tr.epoch_step(0)
     # LoRA starts at the base model (B = 0), so the first epoch's KL to the reference is zero.
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -217,8 +195,8 @@ def test_kl_penalty_uses_the_base_model_as_reference(trainer):
     assert traj_kl != 0.0  # after an update the policy has moved away from the reference
 
 
-def test_bf16_autocast_epoch_runs_on_cpu(trainer):
-    tr = trainer(**{"mixed_precision": "bf16"})
+def test_bf16_autocast_epoch_runs_on_cpu(make_trainer):
+    tr = make_trainer(**{"mixed_precision": "bf16"})
     metrics = tr.epoch_step(0)
     assert all(torch.isfinite(p).all() for p in tr.unet.parameters())
     assert metrics["policy_loss"] == metrics["policy_loss"]

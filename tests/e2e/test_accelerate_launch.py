@@ -3,45 +3,14 @@ computation on the gathered batch."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 
 import torch
 
 from tdpo.algos.advantages import PerPromptStatTracker, normalize_advantages
 from tdpo.tracking import read_metrics
-from tests.conftest import as_set_args, tiny_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_cli(num_processes: int, args: list[str]) -> list[str]:
-    """``accelerate launch`` of ``tdpo.cli`` with ``num_processes`` CPU processes."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "tdpo.cli",
-        *args,
-    ]
+from tests.fixtures.factories import as_set_args, tiny_overrides
+from tests.fixtures.processes import accelerate_command, cli_env
 
 
 def test_two_process_launch_gathers_and_normalizes_globally(
@@ -53,11 +22,10 @@ def test_two_process_launch_gathers_and_normalizes_globally(
         run_name="ddp",
         **{"train.epochs": 1, "log.dump_tensors": True, "train.norm_min_count": 2},
     )
-    cmd = accelerate_cli(
+    cmd = accelerate_command(
         2, ["train", "--preset", "tdpo-r", "--output-dir", str(tmp_path), *as_set_args(overrides)]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "ddp"
     dumps = [

@@ -15,7 +15,7 @@ import pytest
 
 from tdpo.checkpoint import save_checkpoint
 from tdpo.config import build_config, config_to_yaml
-from tests.conftest import as_set_args, tiny_overrides
+from tests.fixtures.factories import as_set_args, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET_S = 3.0

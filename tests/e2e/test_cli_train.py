@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from tdpo.cli import main
 from tdpo.tracking import read_metrics
-from tests.conftest import as_set_args, tiny_overrides
-
-VOLATILE = ("seconds",)  # wall-clock fields differ between any two runs
+from tests.fixtures.factories import as_set_args, tiny_overrides
+from tests.fixtures.run_checks import assert_same_metrics
 
 
 def _train(pipeline_dir, clip_dir, out_dir, name, *extra_args, **overrides):
@@ -25,10 +23,6 @@ def _train(pipeline_dir, clip_dir, out_dir, name, *extra_args, **overrides):
         *extra_args,
     ]
     return main(args)
-
-
-def _comparable(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
 
 
 def test_two_epoch_run_writes_the_run_directory(tiny_pipeline_dir, tiny_clip_dir, tmp_path, capsys):
@@ -89,15 +83,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
     )
     assert main(["train", "--resume", str(tmp_path / "split"), "--set", "train.epochs=4"]) == 0
     full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
-    assert len(full) == len(split) == 4
-    for a, b in zip(_comparable(full), _comparable(split)):
-        assert a.keys() == b.keys()
-        for key in a:
-            x, y = a[key], b[key]
-            if isinstance(x, float) and not (x is None or math.isnan(x)):
-                assert y == pytest.approx(x, rel=1e-5, abs=1e-7), key
-            else:
-                assert x == y, key
+    assert len(full) == 4
+    assert_same_metrics(full, split)
 
 
 BAD_CONFIGS = [

@@ -6,113 +6,28 @@ used. Everything runs ``python -m tdpo.cli`` in subprocesses on the tiny pipelin
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tdpo.checkpoint import list_checkpoints, read_manifest, verify_checkpoint
+from tdpo.checkpoint import list_checkpoints, read_manifest
 from tdpo.tracking import read_metrics
-from tests.conftest import as_set_args, tiny_overrides
-
-REPO = Path(__file__).resolve().parents[2]
-EPOCHS = 4
-
-# Runs the CLI with checkpoint writes slowed down (a sleep before each fsync of state.pt), so
-# that a test can reliably kill the process while a `.tmp-*` checkpoint is being written.
-SLOW_CHECKPOINT_CLI = """
-import sys, time
-import tdpo.checkpoint as c
-_fsync = c._fsync_file
-def _slow(path):
-    time.sleep(0.6)
-    _fsync(path)
-c._fsync_file = _slow
-from tdpo.cli import console_main
-console_main()
-"""
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-    }
-
-
-def tiny_args(pipeline_dir, clip_dir, out_dir, name, **extra) -> list[str]:
-    overrides = tiny_overrides(
-        pipeline_dir,
-        clip_dir,
-        run_name=name,
-        **{
-            "reward.panel": [],
-            "eval.every": 0,
-            "prompts.train": "simple_animals",
-            "train.batch_size": 4,
-            "train.epochs": EPOCHS,
-            "reset.every": 2,
-            "log.grid_every": 0,
-            "checkpoint.keep": 2,
-            **extra,
-        },
-    )
-    return ["train", "--preset", "tdpo-r", "--output-dir", str(out_dir), *as_set_args(overrides)]
-
-
-def cli(args: list[str], slow_checkpoints: bool = False) -> list[str]:
-    if slow_checkpoints:
-        return [sys.executable, "-c", SLOW_CHECKPOINT_CLI, *args]
-    return [sys.executable, "-m", "tdpo.cli", *args]
-
-
-def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cli(args), capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO
-    )
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in rows]
-
-
-def assert_same_metrics(expected: list[dict], actual: list[dict]) -> None:
-    expected, actual = comparable(expected), comparable(actual)
-    assert [r["epoch"] for r in actual] == [r["epoch"] for r in expected]
-    for a, b in zip(expected, actual):
-        assert a.keys() == b.keys()
-        for key in a:
-            x, y = a[key], b[key]
-            if isinstance(x, float) and not math.isnan(x):
-                assert y == pytest.approx(x, rel=1e-5, abs=1e-7), (a["epoch"], key)
-            else:
-                assert x == y, (a["epoch"], key)
-
-
-def assert_only_complete_checkpoints(run_dir: Path) -> None:
-    """Every directory under a final checkpoint name is complete and verifies."""
-    ckpts = run_dir / "checkpoints"
-    if not ckpts.is_dir():
-        return
-    for path in ckpts.iterdir():
-        if path.name.startswith("epoch_"):
-            assert verify_checkpoint(path) is None, (path, verify_checkpoint(path))
+from tests.fixtures.factories import TRAIN_ARGS_EPOCHS as EPOCHS
+from tests.fixtures.factories import tiny_train_args
+from tests.fixtures.processes import REPO, cli_env, run_cli, tdpo_command
+from tests.fixtures.run_checks import assert_only_complete_checkpoints, assert_same_metrics
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_pipeline_dir, tiny_clip_dir, tmp_path_factory):
     """One uninterrupted run: its metrics are what every interrupted run must reproduce."""
     out = tmp_path_factory.mktemp("crash-ref")
-    result = run_cli(tiny_args(tiny_pipeline_dir, tiny_clip_dir, out, "ref"))
+    result = run_cli(tiny_train_args(tiny_pipeline_dir, tiny_clip_dir, out, "ref"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = read_metrics(out / "ref")
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
@@ -122,10 +37,10 @@ def reference(tiny_pipeline_dir, tiny_clip_dir, tmp_path_factory):
 def kill_and_resume(args, run_dir: Path, trigger, slow_checkpoints: bool) -> dict:
     """Start a run, SIGKILL it when ``trigger(run_dir, started_s)`` says so, resume until done."""
     proc = subprocess.Popen(
-        cli(args, slow_checkpoints),
+        tdpo_command(args, slow_checkpoints),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env(),
+        env=cli_env(),
         cwd=REPO,
     )
     start = time.monotonic()
@@ -227,7 +142,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_metrics(
     name, make_trigger, slow_checkpoints, reference, tiny_pipeline_dir, tiny_clip_dir, tmp_path
 ):
     _, expected = reference
-    args = tiny_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, name)
+    args = tiny_train_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, name)
     report = kill_and_resume(args, tmp_path / name, make_trigger(), slow_checkpoints)
     print(f"{name}: killed {report['killed_at']}; resumed {report['resumes']}x")
     assert_same_metrics(expected, read_metrics(tmp_path / name))
@@ -238,14 +153,13 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_metrics(
 def test_checkpoints_carry_the_config_hash_the_cli_computes(reference):
     """The CLI refuses an incompatible resume from the manifest alone, before loading models:
     its hash formula must stay the trainer's."""
-    from tdpo.cli import run_config_hash
-    from tdpo.config import build_config, load_yaml
+    from tdpo.config import build_config, load_yaml, run_hash
 
     run_dir, _ = reference
     config = build_config(base=load_yaml(run_dir / "config.yaml"))
     for path in list_checkpoints(run_dir):
         manifest = read_manifest(path)
-        assert manifest["config_hash"] == run_config_hash(config)
+        assert manifest["config_hash"] == run_hash(config)
         assert manifest["num_processes"] == 1
 
 
@@ -311,7 +225,7 @@ def test_nonfinite_rewards(
 
     from tdpo.checkpoint import load_latest_checkpoint
 
-    args = tiny_args(
+    args = tiny_train_args(
         tiny_pipeline_dir,
         tiny_clip_dir,
         tmp_path,

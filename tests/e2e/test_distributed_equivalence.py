@@ -9,18 +9,14 @@ depend on the process count (docs/reliability.md)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tdpo.tracking import read_metrics
-from tests.conftest import as_set_args, tiny_overrides
-from tests.e2e.test_accelerate_launch import accelerate_cli
+from tests.fixtures.factories import as_set_args, tiny_overrides
+from tests.fixtures.processes import REPO, accelerate_command, cli_env, tdpo_command
 
-REPO = Path(__file__).resolve().parents[2]
 EPOCH1_REL = 1e-4  # reward_mean, reward_std, panel/*: the same samples
 # Measured (tiny pipeline, CPU): epoch-1 rewards, panel and value_mean identical (0.0);
 # epoch-2 reward_mean and panel 1.5e-4 relative (different updates move the samples slightly);
@@ -36,32 +32,16 @@ def _overrides(pipeline_dir, clip_dir, name):
         pipeline_dir,
         clip_dir,
         run_name=name,
-        **{
-            "reward.panel": ["jpeg_incompressibility"],
-            "eval.every": 0,
-            "prompts.train": "simple_animals",
-            "train.epochs": 2,
-            "log.grid_every": 0,
-        },
+        **{"reward.panel": ["jpeg_incompressibility"], "train.epochs": 2, "log.grid_every": 0},
     )
-
-
-def _env():
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def _launch(num_processes: int, args: list[str]) -> subprocess.CompletedProcess:
     if num_processes == 1:
-        cmd = [sys.executable, "-m", "tdpo.cli", *args]
+        cmd = tdpo_command(args)
     else:
-        cmd = accelerate_cli(num_processes, args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+        cmd = accelerate_command(num_processes, args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
 
 
 @pytest.fixture(scope="module")

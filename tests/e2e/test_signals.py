@@ -13,25 +13,20 @@ import pytest
 
 from tdpo.checkpoint import list_checkpoints, read_manifest
 from tdpo.tracking import read_metrics
-from tests.e2e.test_crash_safety import (
-    assert_only_complete_checkpoints,
-    cli,
-    env,
-    run_cli,
-    tiny_args,
-)
+from tests.fixtures.factories import tiny_train_args
+from tests.fixtures.processes import REPO, cli_env, run_cli, tdpo_command
+from tests.fixtures.run_checks import assert_only_complete_checkpoints
 
-REPO = Path(__file__).resolve().parents[2]
 LONG = 40  # epochs asked for: the run is always interrupted long before
 
 
 def start(args: list[str], slow_checkpoints: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
-        cli(args, slow_checkpoints),
+        tdpo_command(args, slow_checkpoints),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(),
+        env=cli_env(),
         cwd=REPO,
     )
 
@@ -57,7 +52,7 @@ def test_signal_checkpoints_and_exits_with_128_plus_signum(
     name = signal.Signals(signum).name
     run_dir = tmp_path / name
     proc = start(
-        tiny_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, name, **{"train.epochs": LONG})
+        tiny_train_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, name, **{"train.epochs": LONG})
     )
     wait_for_rows(proc, run_dir, 1)
     time.sleep(0.3)  # somewhere inside epoch 2 (or between epochs)
@@ -81,7 +76,9 @@ def test_second_sigint_exits_at_once_without_corrupting(tiny_pipeline_dir, tiny_
     run_dir = tmp_path / "twice"
     # Slow checkpoint writes: the second Ctrl-C lands while the interrupt checkpoint is written.
     proc = start(
-        tiny_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, "twice", **{"train.epochs": LONG}),
+        tiny_train_args(
+            tiny_pipeline_dir, tiny_clip_dir, tmp_path, "twice", **{"train.epochs": LONG}
+        ),
         slow_checkpoints=True,
     )
     wait_for_rows(proc, run_dir, 1)

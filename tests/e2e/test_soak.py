@@ -9,8 +9,6 @@ import statistics
 
 import pytest
 
-from tests.conftest import tiny_overrides
-
 EPOCHS = 30
 WARMUP = 3
 RSS_GROWTH_MB = 64  # allowed growth of the median RSS, last third vs first third
@@ -26,27 +24,7 @@ def rss_mb() -> float:
 
 
 @pytest.mark.slow
-def test_memory_and_epoch_time_stay_flat(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    from tdpo.config import build_config
-    from tdpo.trainers.loop import Trainer
-
-    overrides = tiny_overrides(
-        tiny_pipeline_dir,
-        tiny_clip_dir,
-        run_name="soak",
-        output_dir=str(tmp_path),
-        **{
-            "reward.panel": ["jpeg_incompressibility"],
-            "eval.every": 0,
-            "prompts.train": "simple_animals",
-            "train.batch_size": 4,
-            "train.epochs": EPOCHS,
-            "reset.every": 2,
-            "log.grid_every": 5,
-            "checkpoint.keep": 2,
-        },
-    )
-    config = build_config("tdpo-r", None, overrides)
+def test_memory_and_epoch_time_stay_flat(make_trainer, tmp_path):
     samples: list[tuple[float, float]] = []  # (rss MB, epoch seconds) after each epoch
 
     def log(message: str) -> None:
@@ -54,7 +32,20 @@ def test_memory_and_epoch_time_stay_flat(tiny_pipeline_dir, tiny_clip_dir, tmp_p
             seconds = float(message.rsplit("|", 1)[1].strip().rstrip("s"))
             samples.append((rss_mb(), seconds))
 
-    trainer = Trainer(config, tmp_path / "soak", log=log)
+    trainer = make_trainer(
+        run_dir=tmp_path / "soak",
+        log=log,
+        run_name="soak",
+        output_dir=str(tmp_path),
+        **{
+            "reward.panel": ["jpeg_incompressibility"],
+            "train.batch_size": 4,
+            "train.epochs": EPOCHS,
+            "reset.every": 2,
+            "log.grid_every": 5,
+            "checkpoint.keep": 2,
+        },
+    )
     assert trainer.train() == 0
     assert len(samples) == EPOCHS
     steady = samples[WARMUP:]

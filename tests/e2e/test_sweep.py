@@ -11,7 +11,7 @@ import yaml
 from tdpo.cli import main
 from tdpo.sweep import build_plan, parse_shard
 from tdpo.tracking import read_metrics
-from tests.conftest import tiny_overrides
+from tests.fixtures.factories import tiny_overrides
 
 
 def _spec(tmp_path, pipeline_dir, clip_dir) -> dict:

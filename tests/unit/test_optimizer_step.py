@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tdpo.trainers.update import optimizer_step
+from tdpo.methods.base import optimizer_step
 
 SCALE = 2.0**10  # large enough to show a double unscale, small enough for fp16
 

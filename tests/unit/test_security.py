@@ -17,7 +17,7 @@ import torch
 
 from tdpo.checkpoint import load_latest_checkpoint, save_checkpoint
 from tdpo.errors import UsageError
-from tests.conftest import as_set_args, tiny_overrides
+from tests.fixtures.factories import as_set_args, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "tdpo"
@@ -163,14 +163,7 @@ def test_a_run_writes_only_inside_its_output_dir(tiny_pipeline_dir, tiny_clip_di
         tiny_pipeline_dir,
         tiny_clip_dir,
         run_name="run",
-        **{
-            "reward.panel": [],
-            "eval.every": 0,
-            "prompts.train": "simple_animals",
-            "train.batch_size": 4,
-            "train.epochs": 1,
-            "log.tensorboard": True,
-        },
+        **{"train.batch_size": 4, "train.epochs": 1, "log.tensorboard": True},
     )
     env = {
         k: v
