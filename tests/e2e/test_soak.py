@@ -1,7 +1,8 @@
 """Soak (slow, ``pytest -m slow tests/e2e/test_soak.py``): many short epochs in one process;
-resident memory and epoch time stay flat (the last third of the epochs against the first third,
-after a warm-up). A leak of tensors kept across epochs (trajectories, graphs, metrics history,
-optimizer state) shows up as RSS growing with the epoch count."""
+resident memory stays flat (the last third of the epochs against the first third, after a
+warm-up). A leak of tensors kept across epochs (trajectories, graphs, metrics history, optimizer
+state) shows up as RSS growing with the epoch count. Epoch times are printed, not asserted: on
+a shared machine they measure the load as much as the code."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 EPOCHS = 30
 WARMUP = 3
 RSS_GROWTH_MB = 64  # allowed growth of the median RSS, last third vs first third
-TIME_RATIO = 1.5  # allowed ratio of median epoch seconds, last third vs first third
 
 
 def rss_mb() -> float:
@@ -24,7 +24,7 @@ def rss_mb() -> float:
 
 
 @pytest.mark.slow
-def test_memory_and_epoch_time_stay_flat(make_trainer, tmp_path):
+def test_memory_stays_flat(make_trainer, tmp_path):
     samples: list[tuple[float, float]] = []  # (rss MB, epoch seconds) after each epoch
 
     def log(message: str) -> None:
@@ -60,4 +60,3 @@ def test_memory_and_epoch_time_stay_flat(make_trainer, tmp_path):
         f"(first vs last third of {len(steady)} epochs after {WARMUP} warm-up)"
     )
     assert rss_last - rss_first < RSS_GROWTH_MB
-    assert t_last < TIME_RATIO * t_first + 0.2
