@@ -22,7 +22,7 @@ from tdpo.checkpoint import config_hash
 from tdpo.errors import UsageError
 from tdpo.fileio import atomic_write
 from tdpo.methods import ALGORITHMS, get_method
-from tdpo.rundir import CONFIG_FILE
+from tdpo.rundir import CONFIG_FILE, check_run_name
 
 
 def _f(default: Any, help: str) -> Any:
@@ -103,12 +103,14 @@ class TrainConfig:
         "Samples with NaN/inf rewards are left out of the update; past this fraction of an "
         "epoch the run stops with an error (its last checkpoint intact).",
     )
-    normalization: Literal["per_prompt", "group", "batch"] = _f(
+    normalization: Literal["per_prompt", "group", "batch", "running"] = _f(
         "per_prompt",
         "Reward normalization R~: per_prompt = each prompt's last norm_buffer_size rewards once "
         "it has norm_min_count of them, else the batch's (the paper; its meaning drifts as the "
         "buffers fill); group = each prompt's samples of this epoch only (GRPO; needs "
-        "sample.prompts_per_epoch with >= 2 samples per prompt); batch = the whole epoch's.",
+        "sample.prompts_per_epoch with >= 2 samples per prompt); batch = the whole epoch's; "
+        "running = every reward of the run so far (a fixed meaning: the critic learns the "
+        "prompt's expected reward, and A = G - V carries the per-prompt baseline).",
     )
     norm_buffer_size: int = _f(32, "Per-prompt normalization: rewards kept per prompt.")
     norm_min_count: int = _f(
@@ -564,6 +566,7 @@ def _positive(name: str, value: float, fix: str = "must be > 0") -> None:
 def validate(config: Config) -> None:
     """Range checks that do not depend on the number of processes or on models."""
     s, t, c, r, k = config.sample, config.train, config.critic, config.reset, config.kl
+    check_run_name(config.run_name)
     _positive("sample.num_steps", s.num_steps, "must be >= 1 (the paper uses 50)")
     _positive("sample.eta", s.eta, "must be > 0: with eta = 0 DDIM is deterministic, no policy")
     _positive("sample.batch_size", s.batch_size, "must be >= 1")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tdpo.algos.advantages import merge_moments
+
 # Reference head (copied from the LAION aesthetic predictor): no nonlinearity between layers.
 HEAD_WIDTHS = (1024, 128, 64, 16)
 HEAD_DROPOUT = (0.2, 0.2, 0.1, 0.0)
@@ -113,14 +115,13 @@ class CriticHead(nn.Module):
         (Chan et al.'s parallel update; every process must pass the same, gathered, states)."""
         if not self.standardize:
             return
-        x = self.raw_features(embeddings, timesteps).reshape(-1, self.in_dim).double()
-        n, total = x.shape[0], self.feature_count + x.shape[0]
-        mean, var = x.mean(0), x.var(0, correction=0)
-        delta = mean - self.feature_mean
-        self.feature_mean += delta * n / total
-        m2 = self.feature_var * self.feature_count + var * n
-        self.feature_var.copy_((m2 + delta**2 * self.feature_count * n / total) / total)
-        self.feature_count.copy_(total)
+        x = self.raw_features(embeddings, timesteps).reshape(-1, self.in_dim)
+        count, mean, var = merge_moments(
+            float(self.feature_count), self.feature_mean, self.feature_var, x
+        )
+        self.feature_count.fill_(count)
+        self.feature_mean.copy_(mean)
+        self.feature_var.copy_(var)
 
     def forward(
         self, embeddings: torch.Tensor, timesteps: torch.Tensor | None = None

@@ -84,3 +84,31 @@ def test_pearson_against_numpy_and_constant_input():
     a, b = torch.randn(30, generator=gen), torch.randn(30, generator=gen)
     assert pearson(a, b) == pytest.approx(np.corrcoef(a.numpy(), b.numpy())[0, 1], rel=1e-9)
     assert pearson(a, torch.ones(30)) == 0.0
+
+
+def test_merge_moments_equals_the_pooled_moments():
+    from tdpo.algos.advantages import merge_moments
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, 3, generator=gen) * (i + 1) + i for i, n in enumerate((5, 1, 12))]
+    count, mean, var = 0.0, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for part in parts:
+        count, mean, var = merge_moments(count, mean, var, part)
+    pooled = torch.cat(parts).double()
+    assert count == 18
+    torch.testing.assert_close(mean, pooled.mean(0))
+    torch.testing.assert_close(var, pooled.var(0, correction=0))
+
+
+def test_running_reward_stats_normalize_with_the_whole_history_and_resume():
+    from tdpo.algos.advantages import RunningRewardStats
+
+    stats = RunningRewardStats()
+    first = stats.update(torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(first, torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
+    resumed = RunningRewardStats()
+    resumed.load_state_dict(stats.state_dict())
+    second = resumed.update(torch.tensor([5.0, 7.0]))
+    history = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    expected = (torch.tensor([5.0, 7.0]) - history.mean()) / history.std(correction=0)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)

@@ -189,6 +189,45 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b).item() / d) if d > 0 else 0.0
 
 
+def merge_moments(
+    count: float, mean: torch.Tensor, var: torch.Tensor, batch: torch.Tensor
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Running mean and (population) variance after adding ``batch`` [n, ...] to ``count``
+    earlier values (Chan et al.'s parallel update), in float64."""
+    x = batch.detach().double().reshape(-1, *mean.shape)
+    n = x.shape[0]
+    total = count + n
+    delta = x.mean(0) - mean
+    new_mean = mean + delta * n / total
+    m2 = var * count + x.var(0, correction=0) * n + delta**2 * count * n / total
+    return total, new_mean, m2 / total
+
+
+class RunningRewardStats:
+    """``train.normalization=running``: R~ = (R - mean) / (std + eps) with the mean and std of
+    every reward of the run so far (this epoch's included), so the critic's target means the
+    same thing in every epoch. Its state is checkpointed."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = (
+            0.0,
+            torch.zeros((), dtype=torch.float64),
+            torch.ones((), dtype=torch.float64),
+        )
+
+    def update(self, rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        self.count, self.mean, self.var = merge_moments(self.count, self.mean, self.var, rewards)
+        return ((rewards.double() - self.mean) / (self.var.sqrt() + eps)).to(rewards.dtype)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": float(self.mean), "var": float(self.var)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = float(state["count"])
+        self.mean = torch.tensor(state["mean"], dtype=torch.float64)
+        self.var = torch.tensor(state["var"], dtype=torch.float64)
+
+
 def group_normalize(rewards: torch.Tensor, groups: list, eps: float = 1e-6) -> torch.Tensor:
     """``(r - mean_g) / (std_g + eps)`` within each group g (GRPO's group-relative reward): every
     sample is compared only with the other samples of its prompt drawn in the same epoch, so the

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from tdpo.algos.advantages import (
     PerPromptStatTracker,
+    RunningRewardStats,
     explained_variance,
     explained_variance_by_quarter,
     group_normalize,
@@ -116,6 +117,7 @@ class PolicyGradient(Method):
         super().__init__(trainer)
         cfg = trainer.config
         self.tracker = PerPromptStatTracker(cfg.train.norm_buffer_size, cfg.train.norm_min_count)
+        self.reward_stats = RunningRewardStats()
         k = cfg.kl
         self.use_kl = k.coef > 0
         self.kl_ctl = (
@@ -128,11 +130,17 @@ class PolicyGradient(Method):
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "kl": self.kl_ctl.state_dict()}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "kl": self.kl_ctl.state_dict(),
+            "reward_stats": self.reward_stats.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.kl_ctl.load_state_dict(state["kl"])
+        if "reward_stats" in state:  # checkpoints of earlier versions have none
+            self.reward_stats.load_state_dict(state["reward_stats"])
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -178,6 +186,8 @@ class PolicyGradient(Method):
             normalized[finite] = self.tracker.update(prompts, good)
         elif mode == "group":
             normalized[finite] = group_normalize(good, prompts).to(normalized.dtype)
+        elif mode == "running":
+            normalized[finite] = self.reward_stats.update(good)
         else:
             normalized[finite] = (good - good.mean()) / (good.std(unbiased=False) + 1e-6)
         return normalized
