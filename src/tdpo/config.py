@@ -104,13 +104,15 @@ class TrainConfig:
         "epoch the run stops with an error (its last checkpoint intact).",
     )
     normalization: Literal["per_prompt", "group", "batch", "running"] = _f(
-        "per_prompt",
+        "running",
         "Reward normalization R~: per_prompt = each prompt's last norm_buffer_size rewards once "
         "it has norm_min_count of them, else the batch's (the paper; its meaning drifts as the "
         "buffers fill); group = each prompt's samples of this epoch only (GRPO; needs "
         "sample.prompts_per_epoch with >= 2 samples per prompt); batch = the whole epoch's; "
         "running = every reward of the run so far (a fixed meaning: the critic learns the "
-        "prompt's expected reward, and A = G - V carries the per-prompt baseline).",
+        "prompt's expected reward, and A = G - V carries the per-prompt baseline). The shapes "
+        "default is running (the critic learns: docs/results/mechanism.md); the DDPO presets "
+        "and the sd14 presets use per_prompt.",
     )
     norm_buffer_size: int = _f(32, "Per-prompt normalization: rewards kept per prompt.")
     norm_min_count: int = _f(
@@ -121,14 +123,14 @@ class TrainConfig:
 @dataclass
 class CriticConfig:
     input: Literal["image", "x0", "latent"] = _f(
-        "image",
+        "x0",
         "What the critic sees: image = embed(decode(x_t)) with the frozen backbone (the paper; "
         "T extra VAE decodes and backbone passes per sample); x0 = embed(decode(x0_hat)), the "
         "denoiser's own estimate of the final image at that step (same cost); latent = x_t "
         "average-pooled to 4x8x8 plus the timestep (no decode, no backbone: the cheap critic).",
     )
     prompt_input: bool = _f(
-        False,
+        True,
         "Also feed the prompt: the text encoder's hidden states averaged over tokens, "
         "L2-normalized (the paper's critic sees no prompt).",
     )
@@ -239,7 +241,7 @@ class LogConfig:
         False, "Debug: save per-process rewards and advantages of each epoch under debug/."
     )
     critic_reference: bool = _f(
-        False,
+        True,
         "TDPO: also score the denoiser's x0 estimate of every step with the training reward and "
         "log critic_ref/q1..q4, how much of the critic's target it explains (an upper reference "
         "for critic_ev/q1..q4; T extra decodes and reward calls per sample).",
@@ -289,9 +291,20 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
         "reset.target": "active",
         "train.updates_per_epoch": 0,
     },
-    "ddpo-2": {"train.algorithm": "ddpo", "train.updates_per_epoch": 2, "reset.enabled": False},
+    # DDPO normalizes per prompt, as ddpo-pytorch and the paper do.
+    "ddpo-2": {
+        "train.algorithm": "ddpo",
+        "train.updates_per_epoch": 2,
+        "reset.enabled": False,
+        "train.normalization": "per_prompt",
+    },
     # DDPO with as many updates per epoch as TDPO makes (2 per timestep slice: 100 at 50 steps).
-    "ddpo-100": {"train.algorithm": "ddpo", "train.updates_per_epoch": 0, "reset.enabled": False},
+    "ddpo-100": {
+        "train.algorithm": "ddpo",
+        "train.updates_per_epoch": 0,
+        "reset.enabled": False,
+        "train.normalization": "per_prompt",
+    },
     "alignprop": {
         "train.algorithm": "alignprop",
         "reset.enabled": False,
@@ -301,7 +314,17 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 
 # The paper's three runs (algorithm.md, "Reference hyperparameters"), TDPO-R by default; combine
 # with an algorithm preset for the baselines: --preset sd14-aesthetic --preset ddpo-2.
+# The paper's critic and reward normalization (the shapes defaults differ where measured better).
+PAPER_CRITIC = {
+    "critic.input": "image",
+    "critic.prompt_input": False,
+    "critic.init": "reference",
+    "critic.standardize": False,
+    "train.normalization": "per_prompt",
+    "log.critic_reference": False,
+}
 _SD14 = {
+    **PAPER_CRITIC,
     "cpu_threads": 0,
     "model.pretrained": "CompVis/stable-diffusion-v1-4",
     "model.lora_rank": 4,

@@ -640,6 +640,55 @@ def plot_dynamics(runs: list[Run], colours, out: Path) -> list[tuple[str, str]]:
     return [(name, "Critic neurons (dormant and active fractions) and explained variance.")]
 
 
+CRITIC_QUARTERS = ("q1", "q2", "q3", "q4")
+
+
+def plot_critic_quarters(runs: list[Run], colours, out: Path) -> list[tuple[str, str]]:
+    """critic_ev/q1..q4 over epochs per method, and critic_ref/q1..q4 (dashed) where logged."""
+    if not any(last_value(r, "critic_ev/q4") is not None for r in runs):
+        return []
+    by_method: dict[str, list[Run]] = {}
+    for r in runs:
+        by_method.setdefault(r.label, []).append(r)
+    by_method = {m: by_method[m] for m in sorted(by_method, key=_method_sort_key)}
+    fig, axes = _figure(4, 3.6, 3.2)
+    for ax, q in zip(axes, CRITIC_QUARTERS):
+        for prefix, style in (("critic_ev", "-"), ("critic_ref", "--")):
+
+            def series(r, k=f"{prefix}/{q}"):
+                pts = [(row["epoch"], row[k]) for row in r.rows if _finite(row.get(k))]
+                return np.asarray([p[0] for p in pts]), np.asarray([p[1] for p in pts])
+
+            for method, rs in by_method.items():
+                curves = [series(r) for r in rs if len(series(r)[0])]
+                if not curves:
+                    continue
+                band = _band(curves)
+                xs, mean = (band[0], band[1]) if band else curves[0]
+                label = method if prefix == "critic_ev" else f"{method} (x0 reward)"
+                ax.plot(xs, mean, style, color=colours[method], label=label, lw=1.4)
+        ax.axhline(0.0, color="#999", lw=0.8)
+        ax.set_xlabel("epoch")
+        where = {"q1": " (from noise)", "q4": " (nearest the image)"}.get(q, "")
+        ax.set_title(f"{q}{where}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("explained variance")
+    axes[0].legend(fontsize=7)
+    name = "critic_quarters.png"
+    _save(fig, out / name)
+    return [
+        (
+            name,
+            "How much the critic knows: the explained variance of its values V_old for the "
+            "returns, on each epoch's fresh samples, per quarter of the denoising steps (q1 the "
+            "first, from noise; q4 the last, nearest the image), mean over seeds. 1 = the critic "
+            "predicts the return exactly, 0 = no better than a constant, below 0 worse. Dashed: "
+            "the share that the training reward of the denoiser's own x0 estimate explains (an "
+            "upper reference, log.critic_reference).",
+        )
+    ]
+
+
 # --------------------------------------------------------------------------------- samples
 
 
@@ -793,6 +842,7 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
     plots += plot_ood(groups, colours, out, gold_only=True)
     plots += plot_heldout_tradeoff(groups, colours, out)
     plots += plot_dynamics(runs, colours, out)
+    plots += plot_critic_quarters(runs, colours, out)
     samples = {}
     for run in runs:
         samples[run.id] = copy_samples(run, out)

@@ -385,7 +385,8 @@ class DDPO(PolicyGradient):
     @classmethod
     def label(cls, config) -> str:
         """DDPO-<optimizer updates per epoch>: DDPO-2, or DDPO-100 at the paper's 50 steps."""
-        return f"DDPO-{config.train.updates_per_epoch or 2 * config.sample.num_steps}"
+        updates = config.train.updates_per_epoch or 2 * config.sample.num_steps
+        return f"DDPO-{updates}" + _suffix(_normalization_note(config))
 
 
 class TDPO(PolicyGradient):
@@ -397,12 +398,21 @@ class TDPO(PolicyGradient):
 
     @classmethod
     def label(cls, config) -> str:
-        suffix = " (latent critic)" if config.critic.input == "latent" else ""
+        """TDPO, TDPO-R (active reset) or TDPO-reset-<target>, with what differs from the
+        paper's critic and normalization in brackets, e.g. "TDPO-R (x0+prompt critic, running
+        norm)"."""
+        c = config.critic
+        notes = []
+        if c.input != "image" or c.prompt_input:
+            notes.append(f"{c.input}{'+prompt' if c.prompt_input else ''} critic")
+        notes += _normalization_note(config)
         if not config.reset.enabled:
-            return "TDPO" + suffix
-        if config.reset.target == "active":
-            return "TDPO-R" + suffix
-        return f"TDPO-reset-{config.reset.target}" + suffix
+            name = "TDPO"
+        elif config.reset.target == "active":
+            name = "TDPO-R"
+        else:
+            name = f"TDPO-reset-{config.reset.target}"
+        return name + _suffix(notes)
 
     @classmethod
     def plan_updates(cls, config, samples_per_process: int, minibatches: int):
@@ -527,8 +537,8 @@ class TDPO(PolicyGradient):
         the image): the share of the return's variance that V_old explains on this epoch's fresh
         samples (1 perfect, 0 no better than a constant); with ``log.critic_reference`` also
         ``critic_ref/q1..q4``, the share that the training reward of the denoiser's own x0
-        estimate explains (centred and scaled per prompt like the target, unless
-        ``train.normalization=batch``)."""
+        estimate explains (centred and scaled per prompt when the target is prompt-relative:
+        ``train.normalization`` per_prompt or group)."""
         tr = self.trainer
         embeddings, reference = self.state_features(traj)
         unwrap(self.critic).update_statistics(tr.gather(embeddings), tr.gather(batch.timesteps))
@@ -554,7 +564,7 @@ class TDPO(PolicyGradient):
         if reference is not None:
             ref_all = tr.gather(reference)[finite]
             prompts = [p for p, ok in zip(global_prompts, finite.tolist()) if ok]
-            if tr.config.train.normalization != "batch":
+            if tr.config.train.normalization in ("per_prompt", "group"):  # prompt-relative
                 ref_all = torch.stack(
                     [group_normalize(ref_all[:, k], prompts) for k in range(ref_all.shape[1])], 1
                 )
@@ -612,6 +622,15 @@ class TDPO(PolicyGradient):
                 generator=torch.Generator().manual_seed(derive_seed(tr.config.seed, 6, epoch)),
             )
         return out
+
+
+def _normalization_note(config) -> list[str]:
+    mode = config.train.normalization
+    return [] if mode == "per_prompt" else [f"{mode} norm"]
+
+
+def _suffix(notes: list[str]) -> str:
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def _rows(tensor: torch.Tensor | None, rows) -> torch.Tensor | None:
