@@ -162,7 +162,12 @@ class CriticConfig:
 @dataclass
 class ResetConfig:
     enabled: bool = _f(True, "TDPO-R: periodically re-initialize critic neurons.")
-    every: int = _f(4, "Reset period F in epochs (the paper: 10 of 100).")
+    every: int = _f(
+        8,
+        "Reset period F in epochs (the paper: 10 of 100 epochs of 256 samples, 2,560 samples "
+        "between resets; the shapes default: 8 of 16 epochs of 64 samples, 512 between resets, "
+        "so the critic relearns before it is reset again). No reset after the last epoch.",
+    )
     tau: float = _f(0.0, "Dormancy threshold: a neuron is dormant if its score s_i <= tau.")
     target: Literal["active", "dormant", "all"] = _f(
         "active", "Which neurons to re-initialize: active (TDPO-R), dormant (ReDo) or all."
