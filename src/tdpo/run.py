@@ -37,8 +37,17 @@ from tdpo.paths import check_pipeline_path
 from tdpo.prompts import load_prompts
 from tdpo.rewards import check_reward_name
 from tdpo.rewards.spec import check_factory_modules
-from tdpo.rundir import CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE, check_new_run_dir
-from tdpo.tracking import truncate_metrics
+from tdpo.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    LOCK_FILE,
+    METRICS_FILE,
+    RunLock,
+    check_new_run_dir,
+    check_not_locked,
+)
+from tdpo.tracking import check_metrics, truncate_metrics
 
 
 def num_processes() -> int:
@@ -53,7 +62,7 @@ def is_main_process() -> bool:
 def default_run_dir(config: Config, label: str | None = None) -> Path:
     """``output_dir/run_name``, or ``output_dir/<label>-<timestamp>`` without a run name."""
     name = config.run_name or f"{label or config.train.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.output_dir) / name
+    return Path(config.output_dir).expanduser() / name
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -75,10 +84,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
 def check_run(config: Config, run_dir: Path, resume: bool) -> None:
     """Every check of a run that loads no model, cheapest first (UsageError on the first fail)."""
     resolve_schedule(config, num_processes())
-    if resume:
-        check_resume(run_dir, run_hash(config), num_processes())
-    else:
-        check_new_run_dir(run_dir)
+    check_run_dir(config, run_dir, resume)
     check_pipeline_path(config.model.pretrained)
     load_prompts(config.prompts.train)
     names = [("reward.name", config.reward.name)]
@@ -88,6 +94,19 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
         check_factory_modules(name, field)
     for field, name in names:
         check_reward_name(name, field=field)
+
+
+def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool = True) -> None:
+    """The run folder: no other process writes it; a new run goes into a new or empty folder; a
+    resumed one has a matching checkpoint manifest (if any) and readable metrics.
+    ``probe_lock=False`` when this process holds the lock."""
+    if not resume:
+        check_new_run_dir(run_dir, probe_lock)
+        return
+    if probe_lock:
+        check_not_locked(run_dir, "--resume")
+    check_resume(run_dir, run_hash(config), num_processes())
+    check_metrics(run_dir, "--resume")
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -106,33 +125,74 @@ def train(
     """Train (or resume) one run; returns the exit code: 0, or 128 + signal number when stopped
     by SIGINT/SIGTERM (the run resumes from its last checkpoint). Raises UsageError for a bad
     config or folder, TrainingError when training cannot go on. ``quiet`` silences the
-    libraries' loading logs and progress bars (as the CLI does)."""
-    from tdpo.trainers.loop import Trainer  # deferred: loads torch, diffusers, accelerate
+    libraries' loading logs and progress bars (as the CLI does).
 
+    The main process holds the run directory's lock (:class:`tdpo.rundir.RunLock`) from before
+    anything is written until it returns: a second writer is refused with the holder's PID."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     check_run(config, run_dir, resume)
-    if resume and not _has_checkpoint(run_dir):
-        # Killed before its first checkpoint: nothing to restore, so start it over.
-        if is_main_process():
-            truncate_metrics(run_dir, 0)
-            log(f"no checkpoint in {run_dir} yet; starting it from epoch 0")
-        resume = False
-    fresh = not resume and is_main_process()
-    if fresh:  # before the models load: a run killed while loading can be resumed
-        write_run_config(config, run_dir)
-    if quiet:
-        quiet_libraries(load=True)
+    from tdpo.trainers.loop import Trainer  # deferred: loads torch, diffusers, accelerate
+
+    main = is_main_process()
+    lock = RunLock(run_dir).acquire("--resume" if resume else "run_name") if main else None
+    wrote_config = False  # a new run's config.yaml, written by this call
+    remove = False
     try:
+        if main:  # again under the lock: another process may have written the folder meanwhile
+            check_run_dir(config, run_dir, resume, probe_lock=False)
+        if resume and not _has_checkpoint(run_dir):
+            # Killed before its first checkpoint: nothing to restore, so start it over (its
+            # metrics too: the base evaluation of epoch 0 runs again).
+            if main:
+                truncate_metrics(run_dir, -1)
+                log(f"no checkpoint in {run_dir} yet; starting it from epoch 0")
+            resume = False
+        if not resume and main:  # before the models load: a run killed while loading resumes
+            write_run_config(config, run_dir)
+            wrote_config = True
+        if quiet:
+            quiet_libraries(load=True)
         trainer = Trainer(config, run_dir, resume=resume, log=log)
+        if trainer.is_main:
+            log(f"run directory: {run_dir}")
+        code = trainer.train()
     except UsageError:
-        if fresh:  # e.g. a Hub id that cannot load: leave no half-made run behind
-            (run_dir / CONFIG_FILE).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+        # e.g. a Hub id that cannot load, a reward that returns the wrong type: a new run that
+        # logged nothing leaves no half-made run behind.
+        remove = wrote_config and not _started(run_dir) and _remove_unstarted(run_dir)
         raise
-    if trainer.is_main:
-        log(f"run directory: {run_dir}")
-    code = trainer.train()
+    finally:
+        if lock is not None:
+            lock.release(remove=remove)
+            if remove:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
     if trainer.is_main and code == 0:
         log(f"done: {run_dir} (LoRA in {run_dir / FINAL_DIR}, metrics in {run_dir / METRICS_FILE})")
     return code
+
+
+def _started(run_dir: Path) -> bool:
+    """A metrics row or a checkpoint exists (a resume would find something)."""
+    metrics = run_dir / METRICS_FILE
+    has_rows = metrics.is_file() and metrics.stat().st_size > 0
+    return has_rows or (run_dir / CHECKPOINTS_DIR).exists()
+
+
+def _remove_unstarted(run_dir: Path) -> bool:
+    """Delete what a new run wrote before its first metrics row (its config.yaml, an empty
+    metrics.jsonl, TensorBoard files) if that is all the folder holds; True if it did (the lock
+    and the folder go next)."""
+    entries = list(run_dir.iterdir())
+    ours = [
+        p
+        for p in entries
+        if p.is_file()
+        and not p.is_symlink()
+        and (p.name in (CONFIG_FILE, METRICS_FILE) or p.name.startswith("events.out.tfevents."))
+    ]
+    if len(ours) != len([p for p in entries if p.name != LOCK_FILE]):
+        return False
+    for path in ours:
+        path.unlink()
+    return True

@@ -25,8 +25,9 @@ seed of every method finishes before the second starts.
 
 Resumable: a run whose ``final/`` exists is skipped; a run with checkpoints but no ``final/``
 is resumed with ``tdpo train --resume`` (``train.epochs`` from the spec, so raising it extends
-finished-looking runs only if you delete their ``final/``); a run folder with metrics but no
-checkpoint (it died in its first epoch) is moved aside to ``<run>.stale-N`` and restarted. A
+finished-looking runs only if you delete their ``final/``); a run folder of ours with metrics
+but no checkpoint (it died in its first epoch, or while loading) is moved aside to
+``<run>.stale-N`` and restarted; a folder that is not a run of ours is never written. A
 run that fails is logged and the sweep goes on with the next (exit code 1 at the end); a
 signal (Ctrl-C, SIGTERM) stops the sweep after the running run has checkpointed (exit 130/143).
 What ran is in ``OUT/sweep.json`` (``OUT/sweep-shard-<i>of<n>.json`` with ``--shard``) and
@@ -69,7 +70,7 @@ from tdpo.errors import TrainingError, UsageError
 from tdpo.fileio import atomic_write
 from tdpo.report import build_report
 from tdpo.run import resume_config, train
-from tdpo.rundir import FINAL_DIR, METRICS_FILE, has_started
+from tdpo.rundir import FINAL_DIR, METRICS_FILE, is_our_run
 from tdpo.world import DEFAULT_STEPS
 
 # ------------------------------------------------------------------------------- presets
@@ -262,12 +263,13 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def run_state(run_dir: Path) -> str:
-    """done (final/), resume (checkpoints), stale (metrics, no checkpoint), new."""
+    """done (final/), resume (checkpoints), stale (a run of ours without a checkpoint: metrics,
+    or only its config.yaml when killed while loading), new."""
     if (run_dir / FINAL_DIR).is_dir():
         return "done"
     if list_checkpoints(run_dir):
         return "resume"
-    if has_started(run_dir):
+    if is_our_run(run_dir):
         return "stale"
     return "new"
 

@@ -161,23 +161,52 @@ def _init_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Parse ``metrics.jsonl``; an unfinished last line (a crash mid-write) is ignored."""
+    """Parse ``metrics.jsonl``; an unfinished last line (a crash mid-write) is ignored. A line
+    that is not a JSON object (or not UTF-8), or whose ``epoch`` is not an integer, raises
+    ValueError naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    lines = path.read_bytes().split(b"\n")
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             if number == len(lines):  # no trailing newline: the write was cut short
                 break
-            raise ValueError(f"{path}:{number}: not a JSON line ({error})") from None
+            why = "not UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
+            raise ValueError(f"{path}:{number}: not a JSON line ({why})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{number}: not a JSON line (nested too deeply)") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number}: a JSON {type(record).__name__}, not an object of metrics"
+            )
+        epoch = record.get("epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise ValueError(f"{path}:{number}: epoch {epoch!r} is not an integer")
+        records.append(record)
     return records
+
+
+def check_metrics(run_dir: Path, field: str = "--resume") -> None:
+    """UsageError when ``metrics.jsonl`` cannot be read (a line that is not a JSON object, not
+    UTF-8, or has a non-integer epoch): checked before a resume loads anything."""
+    try:
+        read_metrics(run_dir)
+    except ValueError as error:
+        raise UsageError(
+            field,
+            str(run_dir),
+            f"{error}; fix or delete that line of {METRICS_FILE} (nothing was changed)",
+        ) from None
+    except OSError as error:
+        raise UsageError(
+            field, str(run_dir), f"cannot read {METRICS_FILE} ({error.strerror or error})"
+        ) from None
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:

@@ -107,6 +107,9 @@ class Trainer:
         self.config_hash = run_hash(config)
         self.best_monitor: float | None = None
         self.evals_since_best = 0
+        # The base model's evaluation (the metrics row of epoch 0) was logged: a run resumed
+        # from a checkpoint of epoch 0 (a signal during its first epoch) must not log it again.
+        self.base_evaluated = False
         self._signal: int | None = None
         self._snapshot: dict | None = None
         if resume:
@@ -226,6 +229,7 @@ class Trainer:
             "rng": ckpt.capture_rng_state(),
             "best_monitor": self.best_monitor,
             "evals_since_best": self.evals_since_best,
+            "base_evaluated": self.base_evaluated,
             **self.method.state_dict(),
         }
         scaler = getattr(self.accelerator, "scaler", None)
@@ -250,6 +254,9 @@ class Trainer:
         self.reward_queries = int(state["reward_queries"])
         self.best_monitor = state.get("best_monitor")
         self.evals_since_best = int(state.get("evals_since_best", 0))
+        # Checkpoints from before the flag: an epoch-0 checkpoint is written only after the
+        # base evaluation (when it is on), so its row is in metrics.jsonl already.
+        self.base_evaluated = bool(state.get("base_evaluated", True))
 
     def restore(self) -> None:
         found = ckpt.load_latest_checkpoint(
@@ -378,8 +385,10 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._mid_epoch = False
         try:
-            if cfg.eval.every and self.epoch == 0:  # the base model, as a reference point
+            if cfg.eval.every and self.epoch == 0 and not self.base_evaluated:
+                # The base model, as a reference point (once: not again on a resume).
                 self.logger.log({"epoch": 0, "reward_queries": 0, **self.evaluate()}, step=0)
+                self.base_evaluated = True
             while self.epoch < cfg.train.epochs and not self._should_stop_early():
                 # A consistent state to checkpoint if a signal arrives mid-epoch.
                 saved = self.latest_saved_epoch() == self.epoch
