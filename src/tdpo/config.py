@@ -85,18 +85,28 @@ class TrainConfig:
         "50 steps) for tdpo and ddpo, one per sampling batch for alignprop. tdpo needs a "
         "multiple of sample.num_steps.",
     )
-    inner_epochs: int = _f(1, "Passes over each epoch's samples.")
+    inner_epochs: int = _f(
+        2, "Passes over each epoch's samples (the paper: 1; the shapes world: 2, measured)."
+    )
     alignprop_steps: int = _f(1, "AlignProp: sampling steps (the last K) that keep the graph.")
     gradient_checkpointing: bool = _f(
         True, "AlignProp: recompute UNet activations in the backward pass to save memory."
     )
-    learning_rate: float = _f(1e-3, "Policy AdamW learning rate (the paper: 1e-4).")
+    learning_rate: float = _f(
+        3e-3,
+        "Policy AdamW learning rate (the paper: 1e-4; the shapes world: 3e-3, with which DDPO-40 "
+        "raised the held-out training reward by +0.06 in 512 queries, against +0.01 at 1e-3).",
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1 (policy and critic).")
     adam_beta2: float = _f(0.999, "AdamW beta2 (policy and critic).")
     weight_decay: float = _f(1e-4, "AdamW weight decay (policy and critic).")
     adam_eps: float = _f(1e-8, "AdamW epsilon (policy and critic).")
     max_grad_norm: float = _f(1.0, "Gradient-norm clip for the policy (and, separately, critic).")
-    clip_range: float = _f(1e-2, "PPO ratio clip epsilon (the paper: 1e-4).")
+    clip_range: float = _f(
+        5e-2,
+        "PPO ratio clip epsilon (the paper: 1e-4 on 64x64x4 latents; the shapes world's 8x8x4 "
+        "latents: 5e-2).",
+    )
     cfg: bool = _f(True, "Use classifier-free guidance when re-evaluating log-probs in training.")
     max_nonfinite_fraction: float = _f(
         0.1,
@@ -346,6 +356,7 @@ _SD14 = {
     "train.updates_per_epoch": 0,
     "train.learning_rate": 1e-4,
     "train.clip_range": 1e-4,
+    "train.inner_epochs": 1,
     "train.norm_buffer_size": 32,
     "train.norm_min_count": 16,
     "critic.learning_rate": 1e-4,

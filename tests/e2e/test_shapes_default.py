@@ -39,6 +39,8 @@ def test_default_run_on_the_shipped_world_at_small_settings(tmp_path, capsys):
         for reward in ("shapes_aesthetic", "shapes_gold", "kl", "diversity"):
             assert f"eval/{label}/{reward}" in last
     assert 0.0 <= last["eval/seen/shapes_gold"] <= 1.0
-    assert last["neurons_reset"] == 0  # TDPO-R resets every 4 epochs by default
+    assert last["neurons_reset"] == 0  # TDPO-R resets every 8 epochs by default
+    for q in ("q1", "q2", "q3", "q4"):  # the critic's diagnostics are on every training line
+        assert f"critic_ev/{q}" in last and f"critic_ref/{q}" in last
     assert (tmp_path / "demo" / "samples" / "eval_unseen_epoch_0001.png").is_file()
     assert "run directory:" in capsys.readouterr().out
