@@ -115,10 +115,13 @@ def test_ddpo_epoch_has_no_critic_and_updates_lora(make_trainer):
 
 def test_tdpo_r_reset_changes_exactly_the_active_neurons(make_trainer):
     tr = make_trainer(**{"reset.every": 1})
-    embeddings = torch.randn(8, 4, tr.method.embedder.embed_dim)
+    critic = tr.method.critic
+    # The state features the method passes: the image embedding (and the prompt's, with
+    # critic.prompt_input); the head appends the timestep itself when it takes one.
+    embeddings = torch.randn(8, 4, critic.in_dim - int(critic.timestep_input))
     embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
     timesteps = torch.full((8, 4), 500)
-    head = tr.method.critic.mlp
+    head = critic.mlp
     from tdpo.algos.neurons import hidden_linear_layers, neuron_masks, neuron_scores
 
     # The statistics batch is drawn inside; score on the same draw by replaying its generator.
@@ -139,9 +142,7 @@ def test_tdpo_r_reset_changes_exactly_the_active_neurons(make_trainer):
             layer.bias.copy_(b)
     gen = torch.Generator().manual_seed(derive_seed(0, 5, 0))
     pick = torch.randint(0, 32, (32,), generator=gen)
-    inputs = tr.method.critic.features(
-        embeddings.reshape(32, -1)[pick], timesteps.reshape(32)[pick]
-    )
+    inputs = critic.features(embeddings.reshape(32, -1)[pick], timesteps.reshape(32)[pick])
     _, active = neuron_masks(neuron_scores(reference, inputs), 0.0)
     for rows, mask in zip(changed_rows, active):
         assert torch.equal(rows, mask)

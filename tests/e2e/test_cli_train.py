@@ -124,9 +124,10 @@ def test_dry_run_counts_the_sdxl_text_encoders_and_latents(capsys):
     from tdpo.estimate import KNOWN_PIPELINES
 
     sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
-    assert (
-        main(["train", "--model", sdxl, "--set", "sample.samples_per_epoch=64", "--dry-run"]) == 0
-    )
+    # The paper's image critic (768-dim CLIP embeddings of x_t), not the shapes default.
+    critic = ["--set", "critic.input=image", "--set", "critic.prompt_input=false"]
+    args = ["train", "--model", sdxl, "--set", "sample.samples_per_epoch=64", *critic]
+    assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"UNet {KNOWN_PIPELINES[sdxl][0]} M" in out and "text encoder 817.7 M" in out
     # 64 samples x 21 states x 4x128x128 fp32 latents (336 MiB) + 64 x 20 critic embeddings.
