@@ -190,9 +190,19 @@ class ResetConfig:
 
 @dataclass
 class KLConfig:
-    coef: float = _f(0.0, "Per-step KL penalty beta against the frozen base model (0 = off).")
+    coef: float = _f(
+        0.0,
+        "Per-step KL penalty beta against the frozen base model, subtracted from the returns "
+        "(ddpo-pytorch's form; 0 = off).",
+    )
+    loss_coef: float = _f(
+        0.0,
+        "KL loss beta: beta * estimator(log pi_theta - log pi_ref) added to the loss of every "
+        "trained step, the base model's log-prob recomputed there (GRPO's form; Flow-GRPO: "
+        "0.04; 0 = off).",
+    )
     estimator: Literal["kl", "abs", "square", "clip", "approx"] = _f(
-        "kl", "KL estimator on d = log pi - log pi_ref."
+        "kl", "KL estimator on d = log pi - log pi_ref (approx = Schulman's k3, GRPO's)."
     )
     adaptive: bool = _f(False, "Adapt beta towards kl.target (Ziegler et al. 2019).")
     target: float = _f(0.1, "Adaptive KL: target per-step KL.")
@@ -319,6 +329,16 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
         "train.updates_per_epoch": 0,
         "reset.enabled": False,
         "train.normalization": "per_prompt",
+    },
+    # GRPO as Flow-GRPO configures it (config/grpo.py there): group-relative advantages, KL loss
+    # beta 0.04 with the k3 estimator, updates accumulated over all timesteps, 2 per epoch.
+    "grpo": {
+        "train.algorithm": "grpo",
+        "train.updates_per_epoch": 2,
+        "train.normalization": "group",
+        "kl.loss_coef": 0.04,
+        "kl.estimator": "approx",
+        "reset.enabled": False,
     },
     "alignprop": {
         "train.algorithm": "alignprop",
@@ -651,6 +671,8 @@ def validate(config: Config) -> None:
     _positive("reset.stats_batch_size", r.stats_batch_size, "must be >= 1")
     if k.coef < 0:
         raise UsageError("kl.coef", k.coef, "must be >= 0 (0 = no KL penalty)")
+    if k.loss_coef < 0:
+        raise UsageError("kl.loss_coef", k.loss_coef, "must be >= 0 (0 = no KL loss)")
     if k.adaptive and k.coef == 0:
         raise UsageError("kl.coef", k.coef, "adaptive KL needs a starting kl.coef > 0")
     _positive("kl.target", k.target)

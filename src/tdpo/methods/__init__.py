@@ -12,6 +12,7 @@ import importlib
 REGISTRY: dict[str, str] = {
     "tdpo": "tdpo.methods.ppo:TDPO",  # TDPO, and TDPO-R with reset.enabled
     "ddpo": "tdpo.methods.ppo:DDPO",
+    "grpo": "tdpo.methods.ppo:GRPO",
     "alignprop": "tdpo.methods.alignprop:AlignProp",
 }
 ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)

@@ -339,6 +339,10 @@ class PolicyGradient(Method):
                     )
                     loss = loss + cfg.critic.value_coef * value_loss
                     _add(sums, "critic_loss", value_loss.detach())
+                if cfg.kl.loss_coef > 0:  # beta * KL(pi_theta || pi_base) on this step (GRPO)
+                    kl = self.kl_to_base(unet, batch, rows, k, t, use_cfg, log_prob)
+                    loss = loss + cfg.kl.loss_coef * kl
+                    _add(sums, "kl_loss", kl.detach())
                 if loss.requires_grad:  # all-deterministic steps (sigma=0) carry no gradient
                     acc.backward(loss / sch.accumulation)
             if is_update:
@@ -358,6 +362,23 @@ class PolicyGradient(Method):
         values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
         values = acc.reduce(values, reduction="mean")
         return dict(zip(keys, values.tolist()))
+
+    def kl_to_base(self, unet, batch: EpochBatch, rows, k, t, use_cfg: bool, log_prob):
+        """``mean(estimator(log pi_theta - log pi_base))`` on the minibatch's stored steps, the
+        base model (LoRA disabled) re-evaluated without gradient."""
+        tr = self.trainer
+        with torch.no_grad(), tr.policy.reference_mode(unet) as base:
+            base_log_prob = tr.policy.step_log_prob(
+                base,
+                batch.latents[rows, k],
+                batch.latents[rows, k + 1],
+                t,
+                batch.prompt_embeds[rows],
+                batch.negative_embeds[rows] if use_cfg else None,
+                _rows(batch.pooled_embeds, rows),
+                _rows(batch.negative_pooled, rows) if use_cfg else None,
+            )
+        return kl_estimate(log_prob, base_log_prob, tr.config.kl.estimator).mean()
 
     def dump(self, epoch, rewards, all_rewards, normalized_all, advantages, prompts) -> None:
         """``log.dump_tensors``: this process's rewards and advantages of the epoch, for debugging."""
@@ -387,6 +408,20 @@ class DDPO(PolicyGradient):
         """DDPO-<optimizer updates per epoch>: DDPO-2, or DDPO-100 at the paper's 50 steps."""
         updates = config.train.updates_per_epoch or 2 * config.sample.num_steps
         return f"DDPO-{updates}" + _suffix(_normalization_note(config))
+
+
+class GRPO(PolicyGradient):
+    """GRPO (Shao et al., 2024) as Flow-GRPO (Liu et al., 2025) applies it to images: G samples per
+    prompt, advantages relative to the group (``train.normalization=group``), the same advantage
+    at every step, PPO-clip per step, a KL loss to the frozen base model (``kl.loss_coef``), no
+    critic. Its preset ``grpo`` sets those."""
+
+    name = "grpo"
+
+    @classmethod
+    def label(cls, config) -> str:
+        notes = [] if config.train.normalization == "group" else _normalization_note(config)
+        return "GRPO" + _suffix(notes)
 
 
 class TDPO(PolicyGradient):

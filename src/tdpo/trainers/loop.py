@@ -80,7 +80,7 @@ class Trainer:
             ]
         self.policy = DiffusionPolicy.from_config(config.model, config.sample, self.weight_dtype)
         self.policy.to(self.device)
-        if config.kl.coef > 0:
+        if config.kl.coef > 0 or config.kl.loss_coef > 0:
             self.policy.enable_kl_reference()
         self.reward_fn = build_reward(config.reward.name, self.device)
         self.panel = {
