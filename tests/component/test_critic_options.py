@@ -71,6 +71,10 @@ def test_old_run_configs_still_load():
     off = build_config(base={"train": {"per_prompt_normalization": False}})
     on = build_config(base={"train": {"per_prompt_normalization": True}})
     assert (off.train.normalization, on.train.normalization) == ("batch", "per_prompt")
+    old = build_config(base={"critic": {"input": "image"}})  # keys added since: old behaviour
+    assert old.train.normalization == "per_prompt" and not old.critic.prompt_input
+    assert (old.critic.init, old.kl.loss_coef, old.log.critic_reference) == ("reference", 0, False)
+    assert build_config().critic.prompt_input  # a new config gets the new defaults
 
 
 def test_standardized_head_keeps_the_pooled_statistics_of_every_update():

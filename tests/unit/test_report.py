@@ -42,7 +42,7 @@ def test_every_file_present_and_every_link_resolves(report):
     html = (report / "index.html").read_text()
     assert "<script" not in html
     # plots of cross-reward generalization, gold, critic dynamics; grids of first/middle/last
-    for name in ("cross_reward_0.png", "gold_0.png", "critic_dynamics.png"):
+    for name in ("cross_reward_0.png", "gold_0.png", "critic_dynamics.png", "critic_quarters.png"):
         assert name in links
     grids = sorted(p.name for p in (report / "samples" / "tdpo-r-s0").glob("*.png"))
     assert grids[:3] == ["epoch_0001.png", "epoch_0004.png", "epoch_0006.png"]
@@ -102,6 +102,7 @@ def test_single_run_defaults_to_its_report_folder_and_ddpo_has_no_critic_plot(tm
     assert main(["report", str(ddpo)]) == 0
     assert (ddpo / "report" / "index.html").is_file()
     assert not (ddpo / "report" / "critic_dynamics.png").exists()
+    assert not (ddpo / "report" / "critic_quarters.png").exists()
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
@@ -114,14 +115,21 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert err.count("tdpo: error:") == 3
 
 
+IMAGE = {"input": "image"}  # configs written before the x0 critic became the shapes default
+
+
 @pytest.mark.parametrize(
     "config, label",
     [
         (
-            {"train": {"algorithm": "tdpo"}, "reset": {"enabled": True, "target": "active"}},
+            {
+                "train": {"algorithm": "tdpo"},
+                "critic": IMAGE,
+                "reset": {"enabled": True, "target": "active"},
+            },
             "TDPO-R",
         ),
-        ({"train": {"algorithm": "tdpo"}, "reset": {"enabled": False}}, "TDPO"),
+        ({"train": {"algorithm": "tdpo"}, "critic": IMAGE, "reset": {"enabled": False}}, "TDPO"),
         (
             {"train": {"algorithm": "ddpo", "updates_per_epoch": 0}, "sample": {"num_steps": 20}},
             "DDPO-40",
@@ -136,6 +144,14 @@ def test_bad_input_exits_2(tmp_path, capsys):
         ),
         ({"train": {"algorithm": "ddpo", "updates_per_epoch": 100}}, "DDPO-100"),
         ({"train": {"algorithm": "alignprop"}}, "AlignProp"),
+        (  # a config of this version: the shapes defaults say how they differ from the paper
+            {
+                "train": {"algorithm": "tdpo", "normalization": "running"},
+                "critic": {"input": "x0", "prompt_input": True},
+            },
+            "TDPO-R (x0+prompt critic, running norm)",
+        ),
+        ({"train": {"algorithm": "grpo", "normalization": "group"}}, "GRPO"),
     ],
 )
 def test_method_label(config, label):
