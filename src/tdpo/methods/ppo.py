@@ -242,8 +242,11 @@ class PolicyGradient(Method):
         good = all_rewards[finite]
         metrics.update(
             {
-                "reward_mean": float(good.mean()) if len(good) else float("nan"),
-                "reward_std": float(good.std(unbiased=False)) if len(good) else float("nan"),
+                # float64: finite rewards near 1e37 overflow a float32 sum (issue 14)
+                "reward_mean": float(good.double().mean()) if len(good) else float("nan"),
+                "reward_std": (
+                    float(good.double().std(unbiased=False)) if len(good) else float("nan")
+                ),
                 "nonfinite_rewards": nonfinite,
                 **panel,
                 **stats,
@@ -522,40 +525,53 @@ class TDPO(PolicyGradient):
     def state_features(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the critic sees of the T states before each step, [N, T, d], and (with
         ``log.critic_reference``) the training reward of each step's x0 estimate, [N, T]."""
-        tr = self.trainer
-        cfg = tr.config
+        cfg = self.trainer.config
         n, T = traj.log_probs.shape
-        reference = None
+        features = reference = None
         if cfg.critic.input == "latent":
             features = latent_state_features(traj.latents[:, :-1])
-        else:
-            # x_T ... x_1 (the states before each step), or each step's estimate of x_0
-            states = traj.x0_preds if cfg.critic.input == "x0" else traj.latents[:, :-1]
-            with tr.accelerator.autocast():
+        elif cfg.critic.input == "image":  # x_T ... x_1, the states before each step
+            with self.trainer.accelerator.autocast():
                 features = trajectory_state_embeddings(
-                    tr.policy.decode, self.embedder, states, cfg.critic.embed_batch_size
+                    self.trainer.policy.decode,
+                    self.embedder,
+                    traj.latents[:, :-1],
+                    cfg.critic.embed_batch_size,
                 )
-        if cfg.log.critic_reference:
-            reference = self.x0_rewards(traj)
+        if cfg.critic.input == "x0" or cfg.log.critic_reference:
+            embedded, reference = self.x0_features(
+                traj, embed=cfg.critic.input == "x0", score=cfg.log.critic_reference
+            )
+            features = embedded if cfg.critic.input == "x0" else features
         if cfg.critic.prompt_input:
             text = F.normalize(traj.prompt_embeds.float().mean(dim=1), dim=-1)  # [N, D]
             features = torch.cat([features, text[:, None].expand(n, T, -1)], dim=-1)
         return features, reference
 
     @torch.no_grad()
-    def x0_rewards(self, traj: Trajectory) -> torch.Tensor:
-        """The training reward of decode(x0_hat) at every step, [N, T] (the critic's reference)."""
+    def x0_features(
+        self, traj: Trajectory, embed: bool, score: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each step's x0 estimate decoded once (in batches) and, as asked, embedded for the
+        critic [N, T, d] and scored with the training reward [N, T] (the critic's reference)."""
         tr = self.trainer
         n, T = traj.log_probs.shape
         states = traj.x0_preds.reshape(n * T, *traj.x0_preds.shape[2:])
         prompts = [p for p in traj.prompts for _ in range(T)]
         size = tr.config.critic.embed_batch_size
-        values = []
+        embeddings, rewards = [], []
         for lo in range(0, n * T, size):
             with tr.accelerator.autocast():
                 images = tr.policy.decode(states[lo : lo + size])
-            values.append(score_images({"r": tr.reward_fn}, images, prompts[lo : lo + size])["r"])
-        return torch.cat(values).to(tr.device).view(n, T)
+                if embed:
+                    embeddings.append(self.embedder(images).float())
+            if score:
+                chunk = prompts[lo : lo + size]
+                rewards.append(score_images({"r": tr.reward_fn}, images, chunk)["r"])
+        return (
+            torch.cat(embeddings).view(n, T, -1) if embed else None,
+            torch.cat(rewards).to(tr.device).view(n, T) if score else None,
+        )
 
     def set_advantages(
         self,
