@@ -33,7 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tdpo.config import build_config
 from tdpo.errors import UsageError
+from tdpo.world import CLIP_DIR, PIPELINE_DIR
 
 # Default sizes: the whole default run stays under about 3 minutes on 2 shared CPU cores.
 DEFAULTS = {
@@ -239,12 +241,11 @@ def resolve_model(spec: str | None, backbone: str | None, tmp: Path) -> tuple[st
     """(pipeline folder or id, critic backbone, label). Default: the shapes world pipeline if it
     has been trained and shipped, else a tiny random pipeline built in ``tmp``."""
     if spec in (None, "auto"):
-        from tdpo.world import CLIP_DIR, PIPELINE_DIR
-
         if (PIPELINE_DIR / "model_index.json").is_file() and CLIP_DIR.is_dir():
             return str(PIPELINE_DIR), backbone or str(CLIP_DIR), "shapes-world"
         spec = "tiny"
     if spec == "tiny":
+        # deferred: torch and diffusers (bench is imported for `tdpo --help`)
         from tdpo.tiny import build_tiny_clip, build_tiny_pipeline
 
         build_tiny_pipeline(tmp / "tiny-sd")
@@ -271,8 +272,7 @@ def make_trainer(
     reward: str = "jpeg_compressibility",
 ):
     """A Trainer for ``method`` in ddpo100 | tdpo_image | tdpo_latent; nothing logged."""
-    from tdpo.config import build_config
-    from tdpo.trainers.loop import Trainer
+    from tdpo.trainers.loop import Trainer  # deferred: loads torch and diffusers
 
     overrides: dict[str, Any] = {
         "model.pretrained": model,
@@ -373,7 +373,7 @@ def bench_sampling(trainer, repeats: int, memory: PeakMemory, log) -> dict[str, 
     """DiffusionPolicy.sample against the pipeline's own __call__, same UNet and settings."""
     import torch
 
-    from tdpo.sampling import sample_noise
+    from tdpo.sampling import sample_noise  # deferred: imports torch
 
     cfg, policy = trainer.config, trainer.policy
     pipe = policy.pipe
@@ -407,6 +407,7 @@ def bench_hotpath(trainer, repeats: int, log) -> dict[str, Any]:
     """Small costs inside the sampling loop, each a ratio to one guided UNet forward pass."""
     import torch
 
+    # deferred: torch (bench is imported for `tdpo --help`)
     from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
     from tdpo.sampling import derive_seed, sample_noise
 
@@ -603,7 +604,7 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tdpo-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model, backbone, label = resolve_model(args.model, args.backbone, tmp)
-        from tdpo.policy import pipeline_class
+        from tdpo.policy import pipeline_class  # deferred: loads torch and diffusers
 
         if pipeline_class(model) != "StableDiffusionPipeline":  # read before anything loads
             raise UsageError(
