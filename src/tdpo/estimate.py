@@ -104,8 +104,9 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     else:
         trainable_m = unet_m
     uses_critic = get_method(config.train.algorithm).uses_critic
+    embeds_images = uses_critic and config.critic.input in ("image", "x0")
     backbone_m = 0.0
-    if uses_critic and config.critic.input == "image":
+    if embeds_images:
         found = _millions(config.critic.backbone, KNOWN_BACKBONES, ())
         backbone_m = found[0] if found else float("nan")
     head_m = 1.3 if uses_critic else 0.0
@@ -119,7 +120,8 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
         latents *= d
     stored = latents * 4 / mib
     if uses_critic:
-        dim = 768 if config.critic.input == "image" else latent[0] * 64 + 1
+        dim = 768 if embeds_images else latent[0] * 64 + 1
+        dim += 768 if config.critic.prompt_input else 0  # about SD's text width
         stored += samples_per_process * config.sample.num_steps * dim * 4 / mib
     total = weights + trainable + stored
     lines.append(
