@@ -130,11 +130,21 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
         + (f", rewards {rewards_m:.1f} M" if rewards_m else "")
         + f"; trainable {trainable_m + head_m:.2f} M"
     )
+    precision = "bf16/fp16" if weight_bytes == 2 else "fp32"
     lines.append(
-        f"# memory per process (excluding activations): frozen weights {weights:.0f} MiB, "
-        f"trainable + AdamW {trainable:.0f} MiB, stored epoch {stored:.0f} MiB; "
+        f"# memory per process (excluding activations): frozen weights {weights:.0f} MiB "
+        f"({precision}), trainable + AdamW {trainable:.0f} MiB, stored epoch {stored:.0f} MiB; "
         f"total ~{total / 1024:.2f} GiB"
     )
+    if weight_bytes == 4 and config.mixed_precision != "fp32":
+        # No GPU here: the frozen weights are counted in fp32 (what this machine would run).
+        # On a GPU, mixed_precision halves them; the README's table gives that figure.
+        half = weights / 2 + trainable + stored
+        lines.append(
+            f"# no GPU here, so the weights are counted in fp32; on a GPU with "
+            f"mixed_precision={config.mixed_precision} they take {weights / 2:.0f} MiB: "
+            f"total ~{half / 1024:.2f} GiB"
+        )
     return lines
 
 

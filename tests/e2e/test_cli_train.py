@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -118,6 +119,24 @@ def test_dry_run_prints_schedule_and_loads_nothing(capsys):
     # The training reward and the paper's panel stay loaded: aesthetic + imagereward +
     # pickscore + hpsv2 (304.9 + 446.2 + 986.1 + 986.1 M parameters).
     assert "rewards 2723.3 M" in out
+
+
+def test_dry_run_without_a_gpu_also_gives_the_gpu_figure(capsys, monkeypatch):
+    """Without a GPU the frozen weights count in fp32 (16.13 GiB for sd14-aesthetic); the next
+    line gives them in bf16, the README's 8.5 GiB: half the weights + the same rest."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as on a machine without a GPU
+    assert main(["train", "--preset", "sd14-aesthetic", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    memory = re.search(
+        r"frozen weights (\d+) MiB \(fp32\), trainable \+ AdamW (\d+) MiB, stored epoch "
+        r"(\d+) MiB; total ~([\d.]+) GiB",
+        out,
+    )
+    weights, trainable, stored = (int(memory.group(i)) for i in (1, 2, 3))
+    gpu = re.search(r"on a GPU with mixed_precision=bf16 they take (\d+) MiB: total ~([\d.]+)", out)
+    assert int(gpu.group(1)) == pytest.approx(weights / 2, abs=1)
+    assert float(gpu.group(2)) == pytest.approx((weights / 2 + trainable + stored) / 1024, abs=0.01)
+    assert float(memory.group(4)) == pytest.approx(16.13) and float(gpu.group(2)) == 8.51
 
 
 def test_dry_run_counts_the_sdxl_text_encoders_and_latents(capsys):
