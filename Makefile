@@ -26,7 +26,6 @@ endif
 demo: install
 	$(BIN)/tdpo train --set run_name=$(DEMO_RUN)
 	$(BIN)/tdpo report runs/$(DEMO_RUN)
-	@echo "report: runs/$(DEMO_RUN)/report/index.html"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
