@@ -154,7 +154,10 @@ class PolicyGradient(Method):
         shape = tr.policy.noise_shape
         trajectories = []
         tr.unet.eval()
-        with tr.progress(sch.sample_batches * cfg.sample.num_steps, f"epoch {epoch} sample") as bar:
+        with tr.progress(
+            sch.sample_batches * cfg.sample.num_steps,
+            f"epoch {epoch + 1}/{cfg.train.epochs} sample",
+        ) as bar:
             for b in range(sch.sample_batches):
                 lo = b * cfg.sample.batch_size
                 indices = range(first + lo, first + lo + cfg.sample.batch_size)
@@ -227,7 +230,7 @@ class PolicyGradient(Method):
         )
         stats: dict[str, float] = {}
         for inner in range(sch.inner_epochs):
-            desc = f"epoch {epoch} train {inner + 1}/{sch.inner_epochs}"
+            desc = f"epoch {epoch + 1}/{cfg.train.epochs} train {inner + 1}/{sch.inner_epochs}"
             with tr.progress(sch.minibatches * cfg.sample.num_steps, desc) as bar:
                 stats = self.update(batch, gen, bar)
             tr.check_signal()
