@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tdpo.errors import UsageError
+from tdpo.errors import StorageError, UsageError, is_disk_full
 
 FORMAT = 1
 STATE_FILE = "state.pt"
@@ -127,23 +127,37 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
     tmp = checkpoints / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    files = {
-        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.iterdir())
-        if p.is_file()
-    }
-    manifest = {"format": FORMAT, "epoch": epoch, "config_hash": config_hash, "files": files}
-    if isinstance(state.get("num_processes"), int):  # lets a resume be refused before loading
-        manifest["num_processes"] = state["num_processes"]
-    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:  # last: marks completeness
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_file(tmp / STATE_FILE)
+        files = {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        manifest = {"format": FORMAT, "epoch": epoch, "config_hash": config_hash, "files": files}
+        if isinstance(state.get("num_processes"), int):  # lets a resume be refused early
+            manifest["num_processes"] = state["num_processes"]
+        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:  # last: marks completeness
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays behind
+        needed = _state_bytes(state)
+        free = _free_bytes(checkpoints)
+        torch_write = isinstance(error, RuntimeError) and "inline_container" in str(error)
+        if is_disk_full(error) or (torch_write and free is not None and free < needed):
+            raise StorageError(
+                f"cannot write checkpoint {name} into {checkpoints}: no space left on the "
+                f"device (it needs about {_megabytes(needed)}, "
+                f"{_megabytes(free) if free is not None else 'unknown'} free); free some space "
+                f"and resume with: tdpo train --resume {Path(run_dir)} (the checkpoints "
+                "written before are intact)"
+            ) from None
+        raise
 
     final = checkpoints / name
     if final.exists():
@@ -174,6 +188,34 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, config_ha
             path.unlink(missing_ok=True)
     _fsync_dir(checkpoints)
     return final
+
+
+def _state_bytes(state: Any) -> int:
+    """About what ``torch.save(state)`` writes: the tensors' bytes plus 1 MB for the rest."""
+    import torch  # deferred: manifests are read (resume checks) before torch loads
+
+    total = 0
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return total + (1 << 20)
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 def _discard(path: Path) -> None:
@@ -257,7 +299,7 @@ def load_latest_checkpoint(
                 return path, state
         bad.append((path.name, reason))
     raise UsageError(
-        "resume",
+        "--resume",
         str(run_dir),
         f"{_describe(bad)}; no usable checkpoint is left: delete "
         f"{Path(run_dir) / CHECKPOINTS_DIR} to start over, or restore it from a backup",

@@ -14,7 +14,7 @@ import sys
 
 from tdpo.bench import add_bench_parser, run_bench
 from tdpo.console import quiet_libraries
-from tdpo.errors import TrainingError, UsageError
+from tdpo.errors import StorageError, TrainingError, UsageError, is_disk_full
 from tdpo.evalcli import add_eval_parser, run_eval
 from tdpo.report import add_report_parser, run_report
 from tdpo.samplecli import add_sample_parser
@@ -27,7 +27,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit code 2."""
 
     def error(self, message: str):  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` with newlines and other unprintable characters (of a user's argument) escaped,
+    so that an error is always one line on the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +65,20 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries(load=True)
         return args.func(args)
     except UsageError as exc:
-        print(f"tdpo: error: {exc}", file=sys.stderr)
+        print(f"tdpo: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except TrainingError as exc:
-        print(f"tdpo: error: {exc}", file=sys.stderr)
+        print(f"tdpo: error: {one_line(exc)}", file=sys.stderr)
         return 3
+    except StorageError as exc:
+        print(f"tdpo: error: {one_line(exc)}", file=sys.stderr)
+        return StorageError.exit_code
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"tdpo: error: no space left on the device{where}; free some space", file=sys.stderr)
+        return StorageError.exit_code
     except KeyboardInterrupt:
         print("tdpo: interrupted", file=sys.stderr)
         return 130

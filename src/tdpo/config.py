@@ -22,6 +22,7 @@ from tdpo.checkpoint import config_hash
 from tdpo.errors import UsageError
 from tdpo.fileio import atomic_write
 from tdpo.methods import ALGORITHMS, get_method
+from tdpo.prompts import prompt_set_specs
 from tdpo.rundir import CONFIG_FILE, check_run_name
 
 
@@ -563,13 +564,59 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class _YamlRefused(yaml.YAMLError):
+    """YAML that :class:`StrictLoader` refuses: an alias or a duplicate key."""
+
+    def __init__(self, problem: str, mark: Any = None):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases and without duplicate keys: a few lines of nested
+    aliases expand to billions of values (the "billion laughs"), and a key given twice (a
+    section written twice) would silently keep one of them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _YamlRefused(
+                f"YAML aliases (*{event.anchor}) are not supported; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise _YamlRefused(
+                        f"the key {key_node.value!r} is given twice; give each key once",
+                        key_node.start_mark,
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`StrictLoader` (yaml.YAMLError on bad or refused YAML)."""
+    loader = StrictLoader(text)  # what yaml.load(text, Loader=StrictLoader) does
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise _YamlRefused("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", yaml-parsed value)."""
     if "=" not in text:
         raise UsageError("--set", text, "write overrides as key=value, e.g. --set train.epochs=10")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str | int | float | bool | list) or value is None:
@@ -577,12 +624,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), raw
 
 
+def read_text_file(path: Path, field_name: str) -> str:
+    """A file's text as UTF-8; UsageError naming the field for an unreadable or non-UTF-8 one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(
+            field_name, str(path), f"cannot read the file ({error.strerror or error})"
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UsageError(
+            field_name,
+            str(path),
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); save it as UTF-8",
+        ) from None
+
+
 def load_yaml(path: str | Path, field_name: str = "--config") -> dict[str, Any]:
+    """A YAML file that holds a mapping (:class:`StrictLoader`: no aliases, no duplicate keys);
+    UsageError naming ``field_name`` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(field_name, str(path), "no such file; give a YAML config file")
+    text = read_text_file(path, field_name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml_load(text) or {}
+    except _YamlRefused as exc:
+        line = getattr(exc.problem_mark, "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UsageError(field_name, str(path), f"{exc.problem}{where}") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -630,8 +703,18 @@ def validate(config: Config) -> None:
     _positive("sample.eta", s.eta, "must be > 0: with eta = 0 DDIM is deterministic, no policy")
     _positive("sample.batch_size", s.batch_size, "must be >= 1")
     _positive("sample.samples_per_epoch", s.samples_per_epoch, "must be >= 1")
-    if s.guidance_scale < 1.0:
-        raise UsageError("sample.guidance_scale", s.guidance_scale, "must be >= 1.0 (1 = no CFG)")
+    if s.eta > 1:
+        raise UsageError("sample.eta", s.eta, "must be in (0, 1] (1 = the DDPM variance)")
+    if s.prompts_per_epoch < 0:
+        raise UsageError(
+            "sample.prompts_per_epoch", s.prompts_per_epoch, "must be >= 0 (0 = independent draws)"
+        )
+    if not 1.0 <= s.guidance_scale <= MAX_GUIDANCE:
+        raise UsageError(
+            "sample.guidance_scale",
+            s.guidance_scale,
+            f"must be in [1, {MAX_GUIDANCE:g}] (1 = no CFG; Stable Diffusion uses 5 to 7.5)",
+        )
     _positive("train.epochs", t.epochs, "must be >= 1")
     _positive("train.batch_size", t.batch_size, "must be >= 1")
     _positive("train.inner_epochs", t.inner_epochs, "must be >= 1")
@@ -691,8 +774,12 @@ def validate(config: Config) -> None:
         raise UsageError(
             "train.max_nonfinite_fraction", t.max_nonfinite_fraction, "must be in [0, 1]"
         )
-    if config.cpu_threads < 0:
-        raise UsageError("cpu_threads", config.cpu_threads, "must be >= 0 (0 = torch's default)")
+    if not 0 <= config.cpu_threads <= MAX_CPU_THREADS:
+        raise UsageError(
+            "cpu_threads",
+            config.cpu_threads,
+            f"must be in [0, {MAX_CPU_THREADS}] (0 = torch's default)",
+        )
     e = config.eval
     if e.every < 0:
         raise UsageError("eval.every", e.every, "must be >= 0 (0 = never)")
@@ -708,8 +795,42 @@ def validate(config: Config) -> None:
         raise UsageError(
             "eval.monitor", e.monitor, "name an eval metric, e.g. eval/unseen/shapes_gold"
         )
+    _check_eval_names(config)
     if e.patience < 0:
         raise UsageError("eval.patience", e.patience, "must be >= 0 (0 = off)")
+
+
+MAX_GUIDANCE = 100.0  # larger scales saturate every pixel (and overflow float16/float32 CFG)
+MAX_CPU_THREADS = 1024
+
+
+def _check_eval_names(config: Config) -> None:
+    """Distinct evaluation labels, and an ``eval.monitor`` that names a metric the evaluation
+    will log: eval/<label>/<eval reward, kl or diversity>. Strings only, before anything loads."""
+    e = config.eval
+    labels: list[str] = []
+    for i, (label, _) in enumerate(prompt_set_specs(e.prompt_sets)):
+        if not label:
+            raise UsageError(f"eval.prompt_sets[{i}]", e.prompt_sets[i], "give label=set_or_file")
+        if label in labels:
+            raise UsageError(
+                f"eval.prompt_sets[{i}]",
+                e.prompt_sets[i],
+                f"the label {label!r} is used twice; give each set its own label=",
+            )
+        labels.append(label)
+    if e.monitor is None:
+        return
+    if not e.every:
+        raise UsageError(
+            "eval.monitor", e.monitor, "needs the held-out evaluation: set eval.every >= 1"
+        )
+    rewards = e.rewards or [config.reward.name, *config.reward.panel]
+    metrics = [f"eval/{label}/{name}" for label in labels for name in (*rewards, "kl", "diversity")]
+    if e.monitor not in metrics:
+        close = difflib.get_close_matches(e.monitor, metrics, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(metrics)}"
+        raise UsageError("eval.monitor", e.monitor, f"not a metric the evaluation logs; {hint}")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,16 @@ def quiet_libraries(load: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    # diffusers passes huggingface_hub a deprecated argument: a warning before our error line
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     if not load:
         return
+    try:  # the Hub client's retry messages ("Retrying in 8s") when a Hub id cannot be reached
+        import huggingface_hub.utils.logging as hlog  # deferred: only right before loading
+
+        hlog.set_verbosity_error()
+    except ImportError:
+        pass
     try:
         import diffusers.utils.logging as dlog  # deferred: heavy, only right before loading
         import transformers.utils.logging as tlog

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tdpo.errors import UsageError
+from tdpo.fileio import check_output_file
 from tdpo.rewards import check_reward_name
-from tdpo.samplecli import add_sampler_arguments, check_sampler_arguments
+from tdpo.samplecli import add_sampler_arguments, check_sampler_arguments, load_lora
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
@@ -52,7 +53,36 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         check_reward_name(name, "--reward")
     if not str(args.out).endswith(".json"):
         raise UsageError("--out", args.out, "name a .json file")
+    check_output_file(args.out, "--out")
+    if args.grid:
+        check_output_file(args.grid, "--grid")
     return prompts, seeds
+
+
+def check_device(text: str | None):
+    """The torch device of ``--device`` (default: cuda if present), checked before loading."""
+    import torch  # deferred: the cheap checks come first
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError("--device", text, "not a torch device; e.g. cpu, cuda, cuda:1") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise UsageError(
+            "--device", text, f"{device.type} is not available here; e.g. --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            "--device", text, f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -74,15 +104,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tdpo.sampling import iter_pipeline_images, score_images
 
     prompts, seeds = _check(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     start = time.time()
     pipe = load_pipeline(args.model)
     if args.lora:
-        try:
-            pipe.load_lora_weights(args.lora)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise UsageError("--lora", args.lora, f"cannot load LoRA weights ({first})") from None
+        load_lora(pipe, args.lora)
     pipe.to(device)
     rewards = {name: build_reward(name, device, "--reward") for name in args.reward}
     images_all = []
@@ -92,7 +118,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     for chunk, images in batches:
         batch_prompts = [prompts[p] for p, _ in chunk]
-        scores = score_images(rewards, images.to(device), batch_prompts)
+        scores = score_images(
+            rewards, images.to(device), batch_prompts, {name: "--reward" for name in rewards}
+        )
         for j, (p_index, seed) in enumerate(chunk):
             per_image.append(
                 {

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tdpo.errors import UsageError
 from tdpo.policy import DiffusionPolicy, Trajectory
-from tdpo.prompts import load_prompts
+from tdpo.prompts import load_prompts, prompt_set_specs
 from tdpo.sampling import sample_noise, score_images
 
 
@@ -23,13 +24,11 @@ def parse_prompt_sets(
     """``["seen=shapes", "unseen=shapes_unseen"]`` -> {label: prompts}: ``per_set`` prompts
     spread evenly over each set (a sorted set's first prompts would share attributes), or all."""
     out: dict[str, list[str]] = {}
-    for spec in specs:
-        label, _, source = spec.partition("=") if "=" in spec else (None, "", spec)
-        source = source or spec
+    for label, source in prompt_set_specs(specs):
+        if label in out:  # config.validate refuses it first
+            raise UsageError(field, specs, f"the label {label!r} is used twice")
         prompts = load_prompts(source, field)
-        out[label or source.rsplit("/", 1)[-1].removesuffix(".txt")] = (
-            spread(prompts, per_set) if per_set else prompts
-        )
+        out[label] = spread(prompts, per_set) if per_set else prompts
     return out
 
 
@@ -75,6 +74,7 @@ def evaluate_policy(
     batch_size: int,
     embedder: nn.Module | None = None,
     with_kl: bool = True,
+    fields: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict[str, tuple[torch.Tensor, list[str]]]]:
     """Sample every (prompt, seed) of every set with fixed noise and score it.
 
@@ -98,9 +98,9 @@ def evaluate_policy(
                 policy.sample(unet, [prompts[p] for p, _ in chunk], noise, with_reference=with_kl)
             )
         traj = Trajectory.cat(trajs)
-        scores = score_images(rewards, traj.images, traj.prompts)
+        scores = score_images(rewards, traj.images, traj.prompts, fields)
         for name, values in scores.items():
-            metrics[f"eval/{label}/{name}"] = float(values.mean())
+            metrics[f"eval/{label}/{name}"] = float(values.double().mean())
         if with_kl and traj.ref_log_probs is not None:
             metrics[f"eval/{label}/kl"] = float((traj.log_probs - traj.ref_log_probs).mean())
         feats = embedder(traj.images).float() if embedder is not None else traj.images.flatten(1)

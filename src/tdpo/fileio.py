@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from tdpo.errors import UsageError
+
 
 def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then replace ``path`` with it."""
@@ -28,3 +30,32 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_output_folder(path: str | Path, field: str) -> None:
+    """A folder a command may write into: an existing folder, or one it can create (no regular
+    file on the way, its nearest existing parent writable). Writes nothing."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(field, str(path), "exists and is not a folder; give a folder")
+    _check_creatable(path, field)
+
+
+def check_output_file(path: str | Path, field: str) -> None:
+    """A file a command may write: not a folder, and its folder exists or can be created."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(field, str(path), "is a folder; give a file name")
+    _check_creatable(path.parent, field, shown=path)
+
+
+def _check_creatable(folder: Path, field: str, shown: Path | None = None) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            field, str(shown or folder), f"{existing} is a file, not a folder; choose another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(field, str(shown or folder), f"{existing} is not writable")

@@ -14,6 +14,7 @@ from tdpo.fileio import atomic_write
 MIN_CELL_WIDTH = 128  # small images are upscaled (NEAREST) to at least this width
 _PAD = 6
 _MAX_CAPTION_LINES = 8
+_MAX_CAPTION_LINE_CHARS = 400  # more never fits in 8 wrapped lines; wrapping costs O(chars^2)
 _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
@@ -73,17 +74,35 @@ def _wrap(text: str, width: int, font: ImageFont.ImageFont | ImageFont.FreeTypeF
             if current:
                 lines.append(current)
             while _text_width(word, font) > width and len(word) > 1:  # split long words
-                cut = len(word) - 1
-                while cut > 1 and _text_width(word[:cut], font) > width:
-                    cut -= 1
-                lines.append(word[:cut])
-                word = word[cut:]
+                lo, hi = 1, len(word) - 1  # the longest prefix that fits (at least 1 char)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if _text_width(word[:mid], font) <= width:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                lines.append(word[:lo])
+                word = word[lo:]
+                if len(lines) > _MAX_CAPTION_LINES:
+                    break
             current = word
+            if len(lines) > _MAX_CAPTION_LINES:
+                break
         lines.append(current)
+        if len(lines) > _MAX_CAPTION_LINES:
+            break
     if len(lines) > _MAX_CAPTION_LINES:
         lines = lines[:_MAX_CAPTION_LINES]
         lines[-1] = lines[-1].rstrip() + "..."
     return lines
+
+
+def _shorten(caption: str) -> str:
+    """Each line of a caption cut to :data:`_MAX_CAPTION_LINE_CHARS` characters (with "...")."""
+    limit = _MAX_CAPTION_LINE_CHARS
+    return "\n".join(
+        line if len(line) <= limit else line[: limit - 3] + "..." for line in caption.split("\n")
+    )
 
 
 def save_grid(
@@ -117,7 +136,7 @@ def save_grid(
     cell_w, cell_h = width * scale, height * scale
 
     font = _font()
-    wrapped = [_wrap(c, cell_w, font) for c in captions]
+    wrapped = [_wrap(_shorten(c), cell_w, font) for c in captions]
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
     line_h = ascent + descent + 1
     caption_h = max(len(lines) for lines in wrapped) * line_h + _PAD

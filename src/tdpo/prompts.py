@@ -21,6 +21,10 @@ from tdpo.plugins import load_plugins
 
 _REGISTRY: dict[str, Callable[[], list[str]]] = {}
 
+# The text encoders read 77 tokens; a longer prompt only costs time (tokenizing, captioning the
+# sample grids), so a prompt file with a runaway line is refused rather than read.
+MAX_PROMPT_CHARS = 2000
+
 
 def _shipped_dir() -> Path:
     return Path(str(resources.files("tdpo") / "assets" / "prompts"))
@@ -48,10 +52,54 @@ def available_prompt_sets() -> list[str]:
     return sorted(set(_shipped_sets()) | set(_REGISTRY))
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """Read one prompt a line; strip lines, skip blank lines and lines starting with ``#``."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+def read_prompt_file(path: Path, field: str = "prompts.train") -> list[str]:
+    """Read one prompt a line; strip lines, skip blank lines and lines starting with ``#``.
+    UsageError for a file that is unreadable, not UTF-8, or has a line over
+    :data:`MAX_PROMPT_CHARS` characters."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(field, str(path), f"cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UsageError(
+            field, str(path), f"not UTF-8 text (line {line}); save the prompts as UTF-8"
+        ) from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            check_prompt(line, field, f"{path}:{number}")
+            prompts.append(line)
+    return prompts
+
+
+def check_prompt(prompt: str, field: str, where: str | None = None) -> None:
+    """UsageError for a prompt longer than :data:`MAX_PROMPT_CHARS` characters."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UsageError(
+            field,
+            where or prompt[:40] + "...",
+            f"a prompt of {len(prompt)} characters; prompts are at most {MAX_PROMPT_CHARS} "
+            "(the text encoder reads the first 77 tokens): shorten it",
+        )
+
+
+def prompt_set_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """``["seen=shapes", "unseen.txt"]`` -> [(label, set name or file)]: the label before ``=``,
+    else the set's name (a file's stem). Strings only: nothing is read."""
+    out = []
+    for spec in specs:
+        label, _, source = spec.partition("=") if "=" in spec else (None, "", spec)
+        source = source or spec
+        out.append((label if label is not None else _stem(source), source))
+    return out
+
+
+def _stem(source: str) -> str:
+    return source.rsplit("/", 1)[-1].removesuffix(".txt")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -64,13 +112,15 @@ def load_prompts(spec: str | list[str], field: str = "prompts.train") -> list[st
         prompts = [str(p).strip() for p in spec]
         if not prompts or not all(prompts):
             raise UsageError(field, list(spec), "give at least one prompt, none of them empty")
+        for prompt in prompts:
+            check_prompt(prompt, field)
         return prompts
     if not isinstance(spec, str):
         raise UsageError(field, spec, "give a prompt set name, a .txt file or a list of prompts")
 
     shipped = _shipped_sets()
     if spec in shipped:
-        prompts = read_prompt_file(shipped[spec])
+        prompts = read_prompt_file(shipped[spec], field)
     else:
         load_plugins()
         if spec in _REGISTRY:
@@ -84,7 +134,7 @@ def load_prompts(spec: str | list[str], field: str = "prompts.train") -> list[st
                     "no such prompt file; give an existing .txt file "
                     f"or one of the sets {', '.join(available_prompt_sets())}",
                 )
-            prompts = read_prompt_file(path)
+            prompts = read_prompt_file(path, field)
         else:
             raise UsageError(
                 field,

@@ -45,17 +45,19 @@ import argparse
 import html
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from tdpo.config import build_config
+from tdpo.config import build_config, load_yaml
 from tdpo.config import method_label as config_method_label
 from tdpo.errors import UsageError
+from tdpo.fileio import check_output_folder
 from tdpo.tracking import read_metrics
 
 THRESHOLD_FRACTION = 0.8
@@ -115,18 +117,33 @@ def method_label(config: dict[str, Any]) -> str:
         return str(_get(config, "train.algorithm", "unknown"))
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is a regular file that is no symlink and lies inside ``folder`` (resolved): the
+    report follows no link out of a run folder."""
+    try:
+        return (
+            path.is_file()
+            and not path.is_symlink()
+            and path.resolve().is_relative_to(folder.resolve())
+        )
+    except OSError:
+        return False
+
+
 def load_run(path: Path) -> Run:
     path = Path(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise UsageError("RUN_DIR", str(path), "not a run directory (no config.yaml)")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UsageError("RUN_DIR", str(path), "config.yaml is not valid YAML") from None
+    for name in ("config.yaml", "metrics.jsonl"):
+        if (path / name).exists() and not _inside(path / name, path):
+            raise UsageError(
+                "RUN_DIR", str(path), f"{name} is a symlink or not a file of this run folder"
+            )
+    config = load_yaml(config_path, "RUN_DIR")  # a mapping, UTF-8, no aliases or duplicate keys
     try:
         rows = read_metrics(path)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise UsageError("RUN_DIR", str(path), f"unreadable metrics.jsonl ({exc})") from None
     rows = sorted(rows, key=lambda r: r.get("epoch") or 0)
     run = Run(path=path, config=config, rows=rows)
@@ -443,7 +460,22 @@ def _colours(labels: list[str]) -> dict[str, str]:
     return out
 
 
+def _matplotlib_dir() -> None:
+    """Keep matplotlib's font cache out of ``$HOME``: ``MPLCONFIGDIR`` (unless set) is a folder
+    of this user's under the temporary directory, before matplotlib is first imported."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    folder = Path(tempfile.gettempdir()) / f"tdpo-matplotlib-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        usable = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+    except OSError:
+        usable = False
+    os.environ["MPLCONFIGDIR"] = str(folder if usable else tempfile.mkdtemp(prefix="tdpo-mpl-"))
+
+
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
+    _matplotlib_dir()
     from matplotlib.figure import Figure  # deferred: matplotlib would slow down `tdpo --help`
 
     cols = min(n_panels, 3)
@@ -705,6 +737,8 @@ def copy_samples(run: Run, out: Path) -> list[tuple[str, list[tuple[str, str]]]]
         return []
     kinds: dict[str, list[Path]] = {}
     for path in sorted(samples.glob("*.png")):
+        if not _inside(path, run.path):  # a symlink (e.g. to /etc/shadow) is never copied
+            continue
         stem = path.stem
         if not stem.rsplit("_", 1)[-1].isdigit():
             continue
@@ -821,8 +855,27 @@ def write_html(out: Path, runs: list[Run], summary, plots, samples, skipped) -> 
 # ---------------------------------------------------------------------------------- build
 
 
+def check_report_dir(out: Path) -> None:
+    """``out`` is a new folder, an empty one, or an earlier report (it is replaced): never a file,
+    a symlink, or a folder of other files."""
+    field = "--out"
+    if out.is_symlink():
+        raise UsageError(field, str(out), "is a symbolic link; the report goes to a real folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(field, str(out), "exists and is not a folder; give a report folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
+        raise UsageError(
+            field, str(out), "holds files that are not a tdpo report; give a new or empty folder"
+        )
+    check_output_folder(out.parent, field)
+
+
 def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
-    """Write the report of ``run_dirs`` into ``out``; returns the path of index.html."""
+    """Write the report of ``run_dirs`` into ``out``; returns the path of index.html. The report
+    is written into a temporary folder next to ``out`` and renamed into place, so ``out`` holds
+    either the previous report or the new one, and nothing is written through a symlink."""
+    out = Path(out)
+    check_report_dir(out)
     all_runs = [load_run(p) for p in run_dirs]
     _assign_ids(all_runs)
     runs = [r for r in all_runs if r.train_rows]
@@ -831,7 +884,29 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
         raise UsageError(
             "RUN_DIR", ", ".join(str(p) for p in run_dirs), "no run has training metrics yet"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    final = out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        count = _write_report(out, runs, skipped)
+        old = None
+        if final.is_dir() and not final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(out, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    index = final / "index.html"
+    log(f"report: {index} ({len(runs)} runs, {count} plots)")
+    return index
+
+
+def _write_report(out: Path, runs: list[Run], skipped: list[str]) -> int:
+    """Every file of the report into the (new, empty) folder ``out``; returns the plot count."""
+    os.chmod(out, 0o755)  # mkdtemp makes it private
     summary = summarize(runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
@@ -848,9 +923,8 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
         samples[run.id] = copy_samples(run, out)
         (out / "runs" / run.id).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.path / "config.yaml", out / "runs" / run.id / "config.yaml")
-    index = write_html(out, runs, summary, plots, samples, skipped)
-    log(f"report: {index} ({len(runs)} runs, {len(plots)} plots)")
-    return index
+    write_html(out, runs, summary, plots, samples, skipped)
+    return len(plots)
 
 
 def add_report_parser(sub) -> argparse.ArgumentParser:
@@ -873,7 +947,7 @@ def add_report_parser(sub) -> argparse.ArgumentParser:
 def run_report(args: argparse.Namespace) -> int:
     run_dirs = expand_run_dirs(args.run_dirs)
     if args.out:
-        out = Path(args.out)
+        out = Path(args.out).expanduser()
     elif len(run_dirs) == 1:
         out = run_dirs[0] / "report"
     else:

@@ -15,6 +15,7 @@ name.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from tdpo.config import (
 from tdpo.console import log_line, quiet_libraries
 from tdpo.errors import UsageError
 from tdpo.paths import check_pipeline_path
-from tdpo.prompts import load_prompts
+from tdpo.prompts import load_prompts, prompt_set_specs
 from tdpo.rewards import check_reward_name
 from tdpo.rewards.spec import check_factory_modules
 from tdpo.rundir import (
@@ -72,11 +73,11 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
         raise UsageError("--resume", str(run_dir), "not a run directory (no config.yaml)")
     for key, value in (overrides or {}).items():
         if not key.startswith(RESUME_MUTABLE_PREFIXES):
+            mutable = ", ".join(p + "*" if p.endswith(".") else p for p in RESUME_MUTABLE_PREFIXES)
             raise UsageError(
                 key,
                 value,
-                "cannot change on resume (only train.epochs, "
-                "log.* and checkpoint.*); start a new run instead",
+                f"cannot change on resume (only {mutable}); start a new run instead",
             )
     return build_config(base=load_yaml(run_dir / CONFIG_FILE, "--resume"), overrides=overrides)
 
@@ -87,6 +88,13 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
     check_run_dir(config, run_dir, resume)
     check_pipeline_path(config.model.pretrained)
     load_prompts(config.prompts.train)
+    if config.eval.every:
+        for label, source in prompt_set_specs(config.eval.prompt_sets):
+            load_prompts(source, f"eval.prompt_sets ({label})")
+    if config.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError(
+            "log.wandb", True, "wandb is not installed; pip install tdpo[wandb], or drop log.wandb"
+        )
     names = [("reward.name", config.reward.name)]
     names += [(f"reward.panel[{i}]", n) for i, n in enumerate(config.reward.panel)]
     names += [(f"eval.rewards[{i}]", n) for i, n in enumerate(config.eval.rewards)]

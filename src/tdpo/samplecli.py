@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 
 from tdpo.errors import UsageError
-from tdpo.prompts import load_prompts
+from tdpo.fileio import check_output_folder
+from tdpo.prompts import check_prompt, load_prompts
 
 MAX_STEPS = 1000  # a DDIM schedule cannot have more steps than the model's training timesteps
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what a run's final/ and best/ hold
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_sampler_arguments(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """(prompts, seeds) from the shared sampler arguments; UsageError on a bad one."""
+    for prompt in args.prompt:
+        check_prompt(prompt, "--prompt")
     prompts = list(args.prompt) + (load_prompts(args.prompts, "--prompts") if args.prompts else [])
     if getattr(args, "max_prompts", 0):
         prompts = prompts[: args.max_prompts]
@@ -52,9 +56,36 @@ def check_sampler_arguments(args: argparse.Namespace) -> tuple[list[str], list[i
         raise UsageError("--eta", args.eta, "must be in [0, 1] (1 = DDPM-like, 0 = deterministic)")
     if args.batch_size < 1:
         raise UsageError("--batch-size", args.batch_size, "must be >= 1")
-    if args.lora and not Path(args.lora).is_dir():
-        raise UsageError("--lora", args.lora, "no such folder; give a run's final/ folder")
+    if args.lora:
+        check_lora_folder(args.lora)
     return prompts, seeds
+
+
+def check_lora_folder(path: str) -> None:
+    """A folder holding a LoRA in diffusers format (a run's final/ or best/), checked before the
+    pipeline loads."""
+    lora = Path(path)
+    if not lora.is_dir():
+        raise UsageError("--lora", path, "no such folder; give a run's final/ folder")
+    if lora.name == "checkpoints" or lora.parent.name == "checkpoints":
+        raise UsageError(
+            "--lora",
+            path,
+            "checkpoints/ hold training state, not a LoRA; give the run's final/ or best/ folder",
+        )
+    if not (lora / LORA_FILE).is_file():
+        raise UsageError(
+            "--lora", path, f"no {LORA_FILE} in this folder; give a run's final/ or best/ folder"
+        )
+
+
+def load_lora(pipe, path: str) -> None:
+    """Load the LoRA of :func:`check_lora_folder` into ``pipe``; UsageError if it cannot."""
+    try:
+        pipe.load_lora_weights(path)
+    except Exception as exc:  # a damaged or foreign file: safetensors, peft and diffusers errors
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError("--lora", path, f"cannot load LoRA weights ({first})") from None
 
 
 def add_sample_parser(sub) -> argparse.ArgumentParser:
@@ -67,6 +98,7 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
 
 def run_sample(args: argparse.Namespace) -> int:
     prompts, seeds = check_sampler_arguments(args)
+    check_output_folder(args.out, "--out")
     # deferred: torch and diffusers load only once the arguments are known to be good
     import torch
 
@@ -76,7 +108,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.model)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        load_lora(pipe, args.lora)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, captions = [], []

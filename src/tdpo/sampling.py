@@ -30,18 +30,39 @@ def sample_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     )
 
 
-def check_reward_output(name: str, rewards: Any, batch: int) -> torch.Tensor:
+def check_reward_result(name: str, result: Any, batch: int, field: str = "reward.name"):
+    """The reward protocol's output ``(rewards [B], info)``: the rewards, checked by
+    :func:`check_reward_output`; UsageError naming ``field`` for anything else."""
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        got = (
+            f"a tensor of shape {tuple(result.shape)}"
+            if isinstance(result, torch.Tensor)
+            else f"a {type(result).__name__}"
+            + (f" of {len(result)} items" if isinstance(result, tuple | list) else "")
+        )
+        raise UsageError(
+            field,
+            name,
+            f"the reward returned {got}; return a pair (rewards, info): rewards a tensor [B], "
+            "info a dict (may be empty)",
+        )
+    return check_reward_output(name, result[0], batch, field)
+
+
+def check_reward_output(
+    name: str, rewards: Any, batch: int, field: str = "reward.name"
+) -> torch.Tensor:
     """The reward protocol's first output: a tensor of one value per image, detached, float."""
     if not isinstance(rewards, torch.Tensor):
         raise UsageError(
-            "reward.name",
+            field,
             name,
             f"the reward returned {type(rewards).__name__}, "
             "not a tensor; return (rewards [B] tensor, info dict)",
         )
     if rewards.shape != (batch,):
         raise UsageError(
-            "reward.name",
+            field,
             name,
             f"the reward returned shape {tuple(rewards.shape)} "
             f"for {batch} images; return one value per image, shape [{batch}]",
@@ -51,12 +72,19 @@ def check_reward_output(name: str, rewards: Any, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_images(
-    rewards: dict[str, Callable], images: torch.Tensor, prompts: list[str]
+    rewards: dict[str, Callable],
+    images: torch.Tensor,
+    prompts: list[str],
+    fields: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every reward of ``rewards`` on the same images: {name: values [B]} (checked)."""
+    """Every reward of ``rewards`` on the same images: {name: values [B]} (checked; an error
+    names the reward's config field from ``fields``, ``reward.name`` by default)."""
     meta = [{} for _ in prompts]
+    fields = fields or {}
     return {
-        name: check_reward_output(name, fn(images, prompts, meta)[0], len(prompts))
+        name: check_reward_result(
+            name, fn(images, prompts, meta), len(prompts), fields.get(name, "reward.name")
+        )
         for name, fn in rewards.items()
     }
 

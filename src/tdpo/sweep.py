@@ -65,8 +65,15 @@ from typing import Any
 import yaml
 
 from tdpo.checkpoint import list_checkpoints
-from tdpo.config import PRESETS, Config, build_config, config_to_yaml
-from tdpo.errors import TrainingError, UsageError
+from tdpo.config import (
+    PRESETS,
+    Config,
+    build_config,
+    config_to_yaml,
+    read_text_file,
+    strict_yaml_load,
+)
+from tdpo.errors import StorageError, TrainingError, UsageError
 from tdpo.fileio import atomic_write
 from tdpo.report import build_report
 from tdpo.run import resume_config, train
@@ -171,10 +178,12 @@ def load_spec(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UsageError("SPEC", path, "no such file; give a sweep YAML file or --preset NAME")
+    text = read_text_file(file, "SPEC")  # UsageError for a file that is not UTF-8
     try:
-        spec = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        raise UsageError("SPEC", path, "not valid YAML") from None
+        spec = strict_yaml_load(text)
+    except yaml.YAMLError as error:
+        why = getattr(error, "problem", None) or "not valid YAML"
+        raise UsageError("SPEC", path, f"{why}; fix the file") from None
     if not isinstance(spec, dict):
         raise UsageError("SPEC", path, "must hold a mapping with methods, seeds and rewards")
     return spec
@@ -292,8 +301,9 @@ def train_run(run: PlannedRun, out: Path, state: str, log) -> tuple[int, str | N
     try:
         config = run_config(run, out, state)
         code = train(config, out / run.name, resume=state == "resume", quiet=True)
-    except (UsageError, TrainingError) as exc:
-        return (2 if isinstance(exc, UsageError) else 3), str(exc).splitlines()[0][:500]
+    except (UsageError, TrainingError, StorageError) as exc:
+        code = 2 if isinstance(exc, UsageError) else 4 if isinstance(exc, StorageError) else 3
+        return code, str(exc).splitlines()[0][:500]
     except KeyboardInterrupt:
         return 130, "interrupted"
     except Exception as exc:  # a crash in one run must not stop the sweep
@@ -462,7 +472,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     out_text = args.out or spec.get("out")
     if not out_text:
         raise UsageError("--out", None, "give the sweep folder --out DIR (or out: in the spec)")
-    out = Path(out_text)
+    out = Path(str(out_text)).expanduser()
     shard = parse_shard(args.shard)
     plan = build_plan(spec)
     if args.dry_run:

@@ -141,7 +141,7 @@ def _init_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
         import wandb  # deferred: optional, and slow to import
     except ImportError:
         raise UsageError(
-            "logging.wandb", True, "wandb is not installed; pip install tdpo[wandb]"
+            "log.wandb", True, "wandb is not installed; pip install tdpo[wandb]"
         ) from None
     # Keep the W&B run id in the run directory, so that a resumed run continues the same chart.
     id_file = run_dir / _WANDB_ID_FILE

@@ -134,8 +134,8 @@ class AlignProp(Method):
         all_rewards = tr.gather(rewards)
         tr.save_grid(epoch + 1, images, prompts_local, rewards)
         return {
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std(unbiased=False)),
+            "reward_mean": float(all_rewards.double().mean()),  # float64: no overflow near 1e37
+            "reward_std": float(all_rewards.double().std(unbiased=False)),
             **panel,
             "policy_loss": float(-all_rewards.mean()),
             "policy_grad_norm": sum(norms) / max(1, len(norms)),

@@ -20,7 +20,7 @@ with :func:`register_reward`. Importing this package imports neither torch nor a
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tdpo.errors import UsageError
 from tdpo.plugins import load_plugins
@@ -94,9 +94,27 @@ def build_reward(
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise UsageError(field, spec, f"cannot import the reward factory ({exc})") from None
-        return factory(device=device)
+        if not callable(factory):
+            raise UsageError(
+                field,
+                spec,
+                f"{attr} is a {type(factory).__name__}, not a callable factory(device) -> reward",
+            )
+        return _checked(factory(device=device), spec, field)
     check_reward_name(spec, field)
-    return _REGISTRY[spec](device=device)
+    return _checked(_REGISTRY[spec](device=device), spec, field)
+
+
+def _checked(reward: Any, spec: str, field: str) -> Reward:
+    """The factory's product must be callable as ``reward(images, prompts, metadata)``."""
+    if not callable(reward):
+        raise UsageError(
+            field,
+            spec,
+            f"the factory returned a {type(reward).__name__}, not a callable "
+            "reward(images, prompts, metadata) -> (rewards, info)",
+        )
+    return reward
 
 
 def build_weighted_reward(

@@ -9,8 +9,10 @@ after its *last* colon parses as a float (``pkg.mod:factory:0.5`` is that factor
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
+import sys
 
 from tdpo.errors import UsageError
 
@@ -53,10 +55,48 @@ def is_weighted(spec: str, field: str = "reward.name") -> bool:
     return "," in spec or parse_reward_spec(spec, field) != [(spec, 1.0)]
 
 
+def find_module(name: str):
+    """The import spec of module ``name`` without importing anything: not even its parent
+    packages, whose ``__init__`` would run (``importlib.util.find_spec`` imports them). None if
+    it cannot be found on ``sys.path``. A package that extends its ``__path__`` at import time
+    (``pkgutil.extend_path``) is searched on its directory only."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    if name in sys.modules:  # imported already (also aliases such as os.path)
+        return getattr(sys.modules[name], "__spec__", None) or sys.modules[name]
+    spec = None
+    for i in range(len(parts)):
+        prefix = ".".join(parts[: i + 1])
+        module = sys.modules.get(prefix)
+        if module is not None:
+            spec = getattr(module, "__spec__", None)
+            path = getattr(module, "__path__", None)
+            if i == len(parts) - 1:
+                return spec or module
+            if path is None:
+                return None
+            search = list(path)
+        elif i == 0:
+            spec = importlib.machinery.PathFinder.find_spec(prefix)
+            if spec is None:
+                spec = importlib.util.find_spec(prefix)  # built-in and frozen top-level modules
+        else:
+            spec = importlib.machinery.PathFinder.find_spec(prefix, search)
+        if spec is None:
+            return None
+        if i < len(parts) - 1 and module is None:
+            if spec.submodule_search_locations is None:
+                return None  # a module, not a package: it has no submodules
+            search = list(spec.submodule_search_locations)
+    return spec
+
+
 def check_factory_modules(spec: str, field: str = "reward.name") -> None:
     """Raise a UsageError when a ``package.module:factory`` term names a module that cannot be
-    found. Nothing is imported but the module's parent packages (as ``find_spec`` does); blank
-    specs are left to :func:`tdpo.rewards.check_reward_name`."""
+    found. Nothing is imported (no package's ``__init__`` runs) until the reward is built,
+    which imports and runs the module; blank specs are left to
+    :func:`tdpo.rewards.check_reward_name`."""
     if not isinstance(spec, str) or not spec.strip():
         return
     for name, _ in parse_reward_spec(spec, field):
@@ -64,7 +104,7 @@ def check_factory_modules(spec: str, field: str = "reward.name") -> None:
             continue
         module = name.split(":", 1)[0]
         try:
-            found = importlib.util.find_spec(module)
+            found = find_module(module)
         except (ImportError, ValueError):
             found = None
         if found is None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tdpo import checkpoint as ckpt
 from tdpo.config import Config, resolve_schedule, run_hash, to_dict, write_run_config
-from tdpo.errors import UsageError
+from tdpo.errors import StorageError, UsageError, is_disk_full
 from tdpo.evaluation import evaluate_policy, parse_prompt_sets
 from tdpo.images import save_grid
 from tdpo.methods import get_method
@@ -157,11 +157,19 @@ class Trainer:
         rewards = score_images({name: self.reward_fn}, images, prompts)[name]
         return rewards.to(self.device), self.score_panel(images, prompts)
 
+    def reward_fields(self, names) -> dict[str, str]:
+        """The config field of each reward name, for error messages (reward.panel[1], ...)."""
+        cfg = self.config
+        fields = {f"{cfg.reward.name}": "reward.name"}
+        fields.update({n: f"reward.panel[{i}]" for i, n in enumerate(cfg.reward.panel)})
+        fields.update({n: f"eval.rewards[{i}]" for i, n in enumerate(cfg.eval.rewards)})
+        return {n: fields.get(n, "reward.name") for n in names}
+
     def score_panel(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         """``panel/<reward>``: each evaluation-panel reward's mean over all processes' images."""
-        scores = score_images(self.panel, images, prompts)
+        scores = score_images(self.panel, images, prompts, self.reward_fields(self.panel))
         return {
-            f"panel/{name}": float(self.gather(values.to(self.device)).mean())
+            f"panel/{name}": float(self.gather(values.to(self.device)).double().mean())
             for name, values in scores.items()
         }
 
@@ -269,6 +277,18 @@ class Trainer:
                 "no valid checkpoint in this run directory; start a new run instead",
             )
         path, state = found
+        if not isinstance(state, dict):
+            state = {}
+        required = ("epoch", "global_step", "reward_queries", "policy", "optimizer", "rng")
+        missing = [key for key in (*required, "prompt_sampler") if key not in state]
+        if missing:
+            raise UsageError(
+                "--resume",
+                str(self.run_dir),
+                f"checkpoint {path.name} does not hold a training state of this run (missing "
+                f"{', '.join(missing[:5])}); delete it to resume from an older one, or start "
+                "a new run",
+            )
         manifest = ckpt.read_manifest(path)
         if manifest.get("config_hash") != self.config_hash:
             raise UsageError(
@@ -284,7 +304,16 @@ class Trainer:
                 f"the run used {state['num_processes']} processes; resume it with "
                 f"the same number (this launch has {self.accelerator.num_processes})",
             )
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise UsageError(
+                "--resume",
+                str(self.run_dir),
+                f"checkpoint {path.name} does not fit this run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}); delete it to resume from "
+                "an older one, or start a new run",
+            ) from None
         if self.is_main:
             truncate_metrics(self.run_dir, self.epoch)
             self.log(f"resumed {self.run_dir} from {path.name} (epoch {self.epoch})")
@@ -343,6 +372,7 @@ class Trainer:
                 cfg.batch_size,
                 embedder=getattr(self.method, "embedder", None),
                 with_kl=with_kl,
+                fields=self.reward_fields(self.eval_rewards),
             )
             for label, (images, captions) in grids.items():
                 path = self.run_dir / SAMPLES_DIR / f"eval_{label}_epoch_{self.epoch:04d}.png"
@@ -427,6 +457,14 @@ class Trainer:
                     f"tdpo train --resume {self.run_dir}"
                 )
             return 128 + stop.signum
+        except Exception as error:
+            if isinstance(error, StorageError) or not is_disk_full(error):
+                raise
+            raise StorageError(
+                f"no space left on the device writing {self.run_dir} "
+                f"({str(error).splitlines()[0][:160]}); free some space and resume with: "
+                f"tdpo train --resume {self.run_dir} (the last checkpoint is intact)"
+            ) from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
