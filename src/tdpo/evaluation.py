@@ -16,6 +16,7 @@ from tdpo.errors import UsageError
 from tdpo.policy import DiffusionPolicy, Trajectory
 from tdpo.prompts import load_prompts, prompt_set_specs
 from tdpo.sampling import sample_noise, score_images
+from tdpo.verdict import gold_metric
 
 
 def parse_prompt_sets(
@@ -105,9 +106,10 @@ def evaluate_policy(
             metrics[f"eval/{label}/kl"] = float((traj.log_probs - traj.ref_log_probs).mean())
         feats = embedder(traj.images).float() if embedder is not None else traj.images.flatten(1)
         metrics[f"eval/{label}/diversity"] = diversity(feats.cpu(), [p for p, _ in items])
-        first = next(iter(scores), None)
+        # Captions: the prompt, the first reward (the training reward in training) and gold.
+        shown = [n for n in (next(iter(scores), None), gold_metric(scores)) if n is not None]
         captions = [
-            f"{prompt}" + (f"\n{first} = {scores[first][i]:.3f}" if first else "")
+            "\n".join([prompt] + [f"{n} = {scores[n][i]:.3f}" for n in dict.fromkeys(shown)])
             for i, prompt in enumerate(traj.prompts)
         ]
         grids[label] = (traj.images.cpu(), captions)

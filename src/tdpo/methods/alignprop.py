@@ -95,7 +95,9 @@ class AlignProp(Method):
         rewards_all, images_all, norms = [], [], []
         tr.unet.train()
         bs = cfg.sample.batch_size
-        with tr.progress(sch.sample_batches, f"epoch {epoch} alignprop") as bar:
+        with tr.progress(
+            sch.sample_batches, f"epoch {epoch + 1}/{cfg.train.epochs} alignprop"
+        ) as bar:
             for b in range(sch.sample_batches):
                 lo = first + b * bs
                 prompts = global_prompts[lo : lo + bs]

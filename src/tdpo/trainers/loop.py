@@ -22,7 +22,14 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from tdpo import checkpoint as ckpt
-from tdpo.config import Config, resolve_schedule, run_hash, to_dict, write_run_config
+from tdpo.config import (
+    Config,
+    method_label,
+    resolve_schedule,
+    run_hash,
+    to_dict,
+    write_run_config,
+)
 from tdpo.errors import StorageError, UsageError, is_disk_full
 from tdpo.evaluation import evaluate_policy, parse_prompt_sets
 from tdpo.images import save_grid
@@ -32,7 +39,8 @@ from tdpo.prompts import PromptSampler, load_prompts
 from tdpo.rewards import build_reward
 from tdpo.rundir import BEST_DIR, FINAL_DIR, SAMPLES_DIR
 from tdpo.sampling import derive_seed, score_images
-from tdpo.tracking import RunLogger, truncate_metrics
+from tdpo.tracking import RunLogger, read_metrics, truncate_metrics
+from tdpo.verdict import eval_lines, gold_or_first, judge, num, result_lines
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -376,7 +384,8 @@ class Trainer:
             )
             for label, (images, captions) in grids.items():
                 path = self.run_dir / SAMPLES_DIR / f"eval_{label}_epoch_{self.epoch:04d}.png"
-                save_grid(images[:32], captions[:32], path)
+                # 4 columns: two grids (before / after) fit side by side at full size in the report
+                save_grid(images[:32], captions[:32], path, columns=4)
                 self.logger.log_image(f"eval/{label}", path, self.epoch)
             if cfg.monitor is not None:
                 self._update_monitor(metrics)
@@ -417,8 +426,17 @@ class Trainer:
         try:
             if cfg.eval.every and self.epoch == 0 and not self.base_evaluated:
                 # The base model, as a reference point (once: not again on a resume).
-                self.logger.log({"epoch": 0, "reward_queries": 0, **self.evaluate()}, step=0)
+                if self.is_main:
+                    self.log(self._eval_announcement())
+                base = self.evaluate()
+                self.logger.log({"epoch": 0, "reward_queries": 0, **base}, step=0)
                 self.base_evaluated = True
+                self._log_eval(base)
+            if self.is_main and self.epoch < cfg.train.epochs:
+                self.log(
+                    f"training {method_label(cfg)}: epochs {self.epoch + 1}-{cfg.train.epochs}, "
+                    f"{cfg.sample.samples_per_epoch} samples each"
+                )
             while self.epoch < cfg.train.epochs and not self._should_stop_early():
                 # A consistent state to checkpoint if a signal arrives mid-epoch.
                 saved = self.latest_saved_epoch() == self.epoch
@@ -427,11 +445,13 @@ class Trainer:
                 metrics = self.epoch_step(self.epoch)
                 self.epoch += 1
                 self._mid_epoch = False
-                if cfg.eval.every and self.epoch % cfg.eval.every == 0:
-                    metrics.update(self.evaluate())
-                self.logger.log(metrics, step=self.epoch)
                 if self.is_main:
                     self.log(self._summary(metrics))
+                if cfg.eval.every and self.epoch % cfg.eval.every == 0:
+                    held_out = self.evaluate()
+                    metrics.update(held_out)
+                    self._log_eval(held_out)
+                self.logger.log(metrics, step=self.epoch)
                 if self.epoch % cfg.checkpoint.every == 0 or self.epoch == cfg.train.epochs:
                     self.save()
                 self.check_signal()
@@ -443,6 +463,7 @@ class Trainer:
                 )
                 self.save()
             self.save_final()
+            self._log_result()
             return 0
         except Interrupted as stop:
             if self.latest_saved_epoch() != self.epoch or self._mid_epoch:
@@ -470,24 +491,73 @@ class Trainer:
                 signal.signal(s, handler)
             self.logger.close()
 
-    def _summary(self, m: dict[str, float]) -> str:
+    # ---------------------------------------------------------------------------------------
+    # The terminal: a short line per epoch, the held-out figures at each evaluation, the verdict
+    # at the end (tdpo.verdict, the same function as the report). metrics.jsonl holds the rest.
+
+    def _summary(self, m: dict[str, Any]) -> str:
+        """The epoch line: epoch n/N, reward queries, training reward, gold (or the first panel
+        reward) on the epoch's samples, the critic's explained variance, neurons reset,
+        non-finite rewards when any, seconds."""
         parts = [
             f"epoch {int(m['epoch'])}/{self.config.train.epochs}",
             f"queries {int(m['reward_queries'])}",
-            f"reward {m['reward_mean']:.4f}±{m['reward_std']:.4f}",
+            f"reward {num(_number(m.get('reward_mean')))}±{num(_number(m.get('reward_std')))}",
         ]
-        parts += [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("panel/")]
-        for key in (
-            "policy_loss",
-            "critic_loss",
-            "critic_ev",
-            "approx_kl",
-            "clipfrac",
-            "dormant_fraction",
-            "neurons_reset",
-        ):
-            value = m.get(key)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                parts.append(f"{key} {value:.4g}")
+        reward = self.config.reward.name
+        panel = [k.split("/", 1)[1] for k in m if k.startswith("panel/") and k != f"panel/{reward}"]
+        shown = gold_or_first(panel)
+        if shown is not None and _number(m.get(f"panel/{shown}")) is not None:
+            parts.append(f"{shown} {num(m[f'panel/{shown}'])}")
+        if _number(m.get("critic_ev")) is not None:
+            parts.append(f"critic EV {m['critic_ev']:.2f}")
+        if m.get("neurons_reset"):
+            parts.append(f"reset {int(m['neurons_reset'])} neurons")
+        if m.get("nonfinite_rewards"):
+            parts.append(f"non-finite rewards {int(m['nonfinite_rewards'])}")
         parts.append(f"{m['seconds']:.1f}s")
         return " | ".join(parts)
+
+    def _eval_announcement(self) -> str:
+        seeds = self.config.eval.seeds_per_prompt
+        sets = ", ".join(
+            f"{label} {len(prompts)} prompts x {seeds} seed{'s' if seeds != 1 else ''}"
+            for label, prompts in self.eval_sets.items()
+        )
+        return f"evaluating the base model (epoch 0) on held-out prompts: {sets}"
+
+    def _base_row(self) -> dict[str, Any] | None:
+        """The epoch-0 evaluation (this run's metrics.jsonl, so also after a resume)."""
+        try:
+            rows = read_metrics(self.run_dir)
+        except (OSError, ValueError):
+            return None
+        return next((r for r in rows if r.get("epoch") == 0), None)
+
+    def _log_eval(self, metrics: dict[str, Any]) -> None:
+        """One line per held-out prompt set: training reward and gold, and their change."""
+        if not self.is_main:
+            return
+        base = None if self.epoch == 0 else self._base_row()
+        reward, epochs = self.config.reward.name, self.config.train.epochs
+        for line in eval_lines(metrics, base, reward, self.epoch, epochs):
+            self.log(line)
+
+    def _log_result(self) -> None:
+        """The closing summary: base -> final held-out figures and the verdict."""
+        if not self.is_main:
+            return
+        try:
+            rows = read_metrics(self.run_dir)
+        except (OSError, ValueError):
+            return
+        for line in result_lines(judge([rows], self.config.reward.name)):
+            self.log(line)
+        self.log(f"plots and samples: tdpo report {self.run_dir}")
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None (metrics lines hold None or NaN for missing values)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
