@@ -26,7 +26,7 @@ The rule (``CHANGE_TOLERANCE`` = 0.02):
     (named: "over-optimized on unseen prompts");
   - ``improved``: the training reward rose and gold rose on some set, fell on none;
   - ``reward-only``: the training reward rose, gold stayed flat;
-  - ``worse``: gold fell without a rise of the training reward;
+  - ``worse``: gold fell without a rise of the training reward (or both fell);
   - ``reward-down``: the training reward fell (and gold did not);
   - ``no-change``: nothing counts;
   - ``no-eval``: no held-out evaluation of the base model and of a trained epoch to compare.
@@ -346,7 +346,11 @@ def judge(
         conclusion = f"the training reward rose, {against} stayed flat (no over-optimization seen)"
     elif gold_down:
         kind = "worse"
-        conclusion = f"worse ({against} fell on {_names(gold_down)} prompts without a gain)"
+        conclusion = (
+            f"worse (the training reward and {against} fell)"
+            if down_sets
+            else f"worse ({against} fell on {_names(gold_down)} prompts without a gain)"
+        )
     elif down_sets:
         kind, conclusion = "reward-down", f"the training reward fell on {_names(down_sets)} prompts"
     else:

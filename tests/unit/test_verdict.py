@@ -128,6 +128,16 @@ def test_kinds(gold_final, reward_final, kind):
     assert judge([rows], REWARD).kind == kind
 
 
+def test_both_fell():
+    rows = [
+        _eval(0, seen_shapes_aesthetic=0.446, seen_shapes_gold=0.330),
+        _eval(16, seen_shapes_aesthetic=0.384, seen_shapes_gold=0.113),
+    ]
+    verdict = judge([rows], REWARD)
+    assert verdict.kind == "worse"
+    assert verdict.conclusion == "worse (the training reward and gold fell)"
+
+
 def test_no_verdict_without_a_base_evaluation_and_a_note_when_the_last_epochs_are_not_evaluated():
     no_eval = judge([[_train(1), _train(2)]], REWARD)
     assert no_eval.kind == "no-eval" and no_eval.conclusion.startswith("no verdict")
