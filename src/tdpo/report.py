@@ -222,6 +222,11 @@ def training_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xs), np.asarray(ys)
 
 
+def _last(values: np.ndarray) -> float | None:
+    """The last value, None if there is none (rows without queries and no samples_per_epoch)."""
+    return values[-1].item() if len(values) else None
+
+
 def ood_pairs(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(training reward, metric) points of one out-of-domain metric, in epoch order."""
     by_epoch = {r.get("epoch"): r["reward_mean"] for r in run.train_rows}
@@ -382,7 +387,7 @@ def summarize(runs: list[Run], fraction: float = THRESHOLD_FRACTION) -> dict[str
                 "reward": r.reward,
                 "seed": r.seed,
                 "epochs": len(r.train_rows),
-                "reward_queries": training_curve(r)[0][-1].item() if r.train_rows else None,
+                "reward_queries": _last(training_curve(r)[0]),
                 "final_reward": r.train_rows[-1]["reward_mean"] if r.train_rows else None,
             }
         )
@@ -874,7 +879,7 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
     """Write the report of ``run_dirs`` into ``out``; returns the path of index.html. The report
     is written into a temporary folder next to ``out`` and renamed into place, so ``out`` holds
     either the previous report or the new one, and nothing is written through a symlink."""
-    out = Path(out)
+    out = Path(os.path.abspath(Path(out).expanduser()))  # "." and ".." have no name to rename
     check_report_dir(out)
     all_runs = [load_run(p) for p in run_dirs]
     _assign_ids(all_runs)
@@ -890,10 +895,15 @@ def build_report(run_dirs: list[Path], out: Path, log=print) -> Path:
     try:
         count = _write_report(out, runs, skipped)
         old = None
-        if final.is_dir() and not final.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / final.name)
-        os.replace(out, final)
+        if final.is_dir() and not any(final.iterdir()):  # empty (maybe the cwd): fill it
+            for entry in out.iterdir():
+                os.replace(entry, final / entry.name)
+            out.rmdir()
+        else:
+            if final.is_dir():  # an earlier report: swap the folders
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, old / final.name)
+            os.replace(out, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

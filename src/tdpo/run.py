@@ -107,7 +107,12 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
 def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool = True) -> None:
     """The run folder: no other process writes it; a new run goes into a new or empty folder; a
     resumed one has a matching checkpoint manifest (if any) and readable metrics.
-    ``probe_lock=False`` when this process holds the lock."""
+    ``probe_lock=False`` when this process holds the lock. Under accelerate only the main
+    process checks the folder and the lock: the others start while it creates and locks it."""
+    if not is_main_process():
+        if resume:
+            check_resume(run_dir, run_hash(config), num_processes())
+        return
     if not resume:
         check_new_run_dir(run_dir, probe_lock)
         return

@@ -162,8 +162,8 @@ def _init_wandb(run_dir: Path, project: str, config: dict | None) -> Any:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Parse ``metrics.jsonl``; an unfinished last line (a crash mid-write) is ignored. A line
-    that is not a JSON object (or not UTF-8), or whose ``epoch`` is not an integer, raises
-    ValueError naming the file and the line."""
+    that is not a JSON object (or not UTF-8), or whose ``epoch`` is missing or not an integer,
+    raises ValueError naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
@@ -186,7 +186,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 f"{path}:{number}: a JSON {type(record).__name__}, not an object of metrics"
             )
         epoch = record.get("epoch")
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise ValueError(f"{path}:{number}: epoch {epoch!r} is not an integer")
         records.append(record)
     return records

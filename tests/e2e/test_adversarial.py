@@ -763,3 +763,24 @@ def test_a_plugin_package_is_not_imported_to_check_its_name(ws, tmp_path):
     )
     assert_one_line_error(result, "reward.name", "evilpkg.nope", "cannot find the module")
     assert not marker.exists(), "checking the name ran the package's __init__"
+
+
+def test_report_into_the_current_empty_folder(fake_run, tmp_path):
+    """`--out .` in an empty folder (found by the fuzz test: renaming "." failed)."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.processes import cli_env
+
+    here = tmp_path / "here"
+    here.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tdpo.cli", "report", str(fake_run), "--out", "."],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**cli_env(), "HOME": str(tmp_path)},
+        cwd=here,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (here / "index.html").is_file()

@@ -135,3 +135,23 @@ def test_lock_on_an_uncreatable_folder_is_a_usage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="^output_dir=.*cannot create"):
         RunLock(Path(tmp_path / "file" / "run")).acquire()
+
+
+def test_under_accelerate_only_the_main_process_checks_the_folder(tmp_path, monkeypatch):
+    """The other processes start while the main one creates, locks and writes the folder: they
+    must not refuse it as "already holds a run" or "being written by PID"."""
+    from tdpo.config import build_config
+    from tdpo.run import check_run_dir
+
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    (run / "config.yaml").write_text("seed: 0\n")
+    config = build_config()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    check_run_dir(config, run, resume=False)
+    check_run_dir(config, run, resume=True)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UsageError, match="PID"):
+        check_run_dir(config, run, resume=False)
+    lock.release()
