@@ -83,8 +83,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
 
 
 def check_run(config: Config, run_dir: Path, resume: bool) -> None:
-    """Every check of a run that loads no model, cheapest first (UsageError on the first fail)."""
-    resolve_schedule(config, num_processes())
+    """Every check of a run that loads no model, cheapest first (UsageError on the first fail):
+    the last two import torch (the algorithm's schedule rule, the reward registry)."""
     check_run_dir(config, run_dir, resume)
     check_pipeline_path(config.model.pretrained)
     load_prompts(config.prompts.train)
@@ -100,8 +100,9 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
     names += [(f"eval.rewards[{i}]", n) for i, n in enumerate(config.eval.rewards)]
     for field, name in names:
         check_factory_modules(name, field)
+    resolve_schedule(config, num_processes())  # the algorithm's own rule imports torch
     for field, name in names:
-        check_reward_name(name, field=field)
+        check_reward_name(name, field=field)  # the reward registry imports torch
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool = True) -> None:

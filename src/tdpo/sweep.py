@@ -66,6 +66,7 @@ import yaml
 
 from tdpo.checkpoint import list_checkpoints
 from tdpo.config import (
+    PAPER_CRITIC,
     PRESETS,
     Config,
     build_config,
@@ -121,7 +122,48 @@ def paper_shapes_spec() -> dict[str, Any]:
     }
 
 
-SWEEP_PRESETS = {"paper-shapes": paper_shapes_spec}
+def mechanism_spec() -> dict[str, Any]:
+    """Issue 11's experiment: does the temporal critic, and resetting its active neurons, change
+    what fine-tuning does? {DDPO-2, DDPO-40, TDPO, TDPO-R, AlignProp, GRPO}, the reset ablation
+    (TDPO-R resetting dormant or all neurons; TDPO = never) and TDPO-R with the paper's critic,
+    5 seeds each on ``shapes_aesthetic``, 16 epochs (1,024 queries), held-out evaluation every 4.
+    DDPO keeps its usual per-prompt normalization (its presets); the TDPO variants use the defaults
+    (running normalization, the x0 + prompt critic) unless named ``-paper``.
+    """
+    steps = DEFAULT_STEPS
+    return {
+        "out": "sweeps/mechanism",
+        "base_preset": "shapes",
+        "overrides": {
+            "train.epochs": 16,
+            "eval.every": 4,
+            "cpu_threads": 1,
+            "log.grid_every": 8,
+            "log.critic_reference": True,
+            # steps large enough for policy gradients to move this world within 16 epochs
+            "train.learning_rate": 3e-3,
+            "train.clip_range": 5e-2,
+            "train.inner_epochs": 2,
+        },
+        "methods": {
+            "ddpo-2": {"preset": "ddpo-2", "overrides": {}},
+            "ddpo-40": {"preset": "ddpo-100", "overrides": {"train.updates_per_epoch": 2 * steps}},
+            "tdpo": {"preset": "tdpo", "overrides": {}},
+            "tdpo-r": {"preset": "tdpo-r", "overrides": {}},
+            "tdpo-r-dormant": {"preset": "tdpo-r", "overrides": {"reset.target": "dormant"}},
+            "tdpo-r-all": {"preset": "tdpo-r", "overrides": {"reset.target": "all"}},
+            "tdpo-r-paper": {
+                "preset": "tdpo-r",
+                "overrides": {**PAPER_CRITIC, "log.critic_reference": True},
+            },
+            "alignprop": {"preset": "alignprop", "overrides": {}},
+            "grpo": {"preset": "grpo", "overrides": {}},
+        },
+        "grid": [{"rewards": ["shapes_aesthetic"], "seeds": [0, 1, 2, 3, 4]}],
+    }
+
+
+SWEEP_PRESETS = {"paper-shapes": paper_shapes_spec, "mechanism": mechanism_spec}
 
 
 # ---------------------------------------------------------------------------------- plan
