@@ -4,14 +4,26 @@ The report folder (``RUN_DIR/report`` for one run, ``--out`` for several) holds 
 (relative links only, no JavaScript, no CDN), the PNG plots, copies of the runs' sample grids and
 configs, ``summary.json`` (the numbers of the table) and ``summary.md`` (the table in Markdown).
 
-Plots (runs of the same method share a colour; with several seeds of a method, its mean and
-standard deviation over seeds are drawn as a line and a band, the seeds as thin lines):
+The first screen answers "did training help, and did it over-optimize?": for each training
+reward and method (over its seeds), the verdict of :func:`tdpo.verdict.judge` (the rule is in
+that module's docstring; ``tdpo train`` prints the same verdict at its end) and the held-out
+base (epoch 0) -> final table of every evaluated metric, then the held-out curves and, for a
+single run, its held-out sample grids before and after training (same prompts and noise).
 
-- training reward against reward queries, one panel per training reward (sample efficiency, the
-  paper's Figure 4);
-- every out-of-domain reward (``panel/*`` and ``eval/*``) against the training reward
-  (cross-reward generalization, Figure 3), and the gold metrics (``*shapes_gold*``) alone;
-- the critic's dormant and active fractions and explained variance over epochs;
+Plots (runs of the same method share a colour; with several seeds of a method, its mean and
+standard deviation over seeds are drawn as a line and a band, the seeds as thin lines; bands and
+"over seeds" appear only with several seeds):
+
+- ``heldout_<k>.png``: every held-out metric (``eval/<set>/*``) against reward queries, x = 0
+  the base model;
+- ``heldout_tradeoff_<k>.png``: the held-out training reward against each held-out gold /
+  other reward, points labelled with their epoch, start and end marked (Figure 3);
+- ``sample_efficiency.png``: training reward against reward queries, one panel per training
+  reward, with the base model's level (the first epoch's samples) dashed (Figure 4);
+- ``gold_<k>.png``, ``cross_reward_<k>.png``: the gold metrics and the other panel rewards on
+  each epoch's training samples against reward queries, first and last epoch marked;
+- the critic's dormant and active fractions and explained variance over epochs, and its
+  explained variance per quarter of the denoising steps;
 - the training and evaluation sample grids of the first, middle and last epoch of each run.
 
 The table groups runs by training reward and method (the *method label*: TDPO-R / TDPO /
@@ -32,11 +44,13 @@ a single run) of:
   first crossing of ``L`` (the last point below ``L`` and the first at or above it, in epoch
   order); a run whose first point is already at or above ``L`` gives that point's value.
 
-The x value of a ``panel/*`` point is the ``reward_mean`` of the same line. An ``eval/<set>/*``
-point takes the ``reward_mean`` of the training line of the same epoch; evaluation lines of an
-epoch without a training line (e.g. epoch 0, the base model) take the evaluation's own score of
-the training reward, ``eval/<set>/<training reward>``, when it was logged, else are left out.
-Missing keys (a DDPO run has no critic metrics) are skipped.
+For the matched level, the x value of a ``panel/*`` point is the ``reward_mean`` of the same
+line. An ``eval/<set>/*`` point takes the ``reward_mean`` of the training line of the same epoch;
+evaluation lines of an epoch without a training line (e.g. epoch 0, the base model) take the
+evaluation's own score of the training reward, ``eval/<set>/<training reward>``, when it was
+logged, else are left out. With a single run the table leaves out the comparisons across runs
+(seed counts, queries to threshold, matched levels). Missing keys (a DDPO run has no critic
+metrics) are skipped.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ from tdpo.config import method_label as config_method_label
 from tdpo.errors import UsageError
 from tdpo.fileio import check_output_folder
 from tdpo.tracking import read_metrics
+from tdpo.verdict import INFO_METRICS, RULE, judge, metric_order, num, rule_text, signed
 
 THRESHOLD_FRACTION = 0.8
 METHOD_ORDER = ("TDPO-R", "TDPO", "DDPO-2", "DDPO-100", "AlignProp")
@@ -312,8 +327,11 @@ def summarize(runs: list[Run], fraction: float = THRESHOLD_FRACTION) -> dict[str
             "the points where the metric was logged",
             "ood_at_matched": "metric linearly interpolated at the first crossing of the matched "
             "level by the run's training reward",
+            "verdict": RULE + " Base = the held-out evaluation of epoch 0, final = the last one "
+            "(tdpo.verdict).",
         },
         "threshold_fraction": fraction,
+        "verdicts": verdicts(runs),
         "groups": [],
         "runs": [],
     }
@@ -389,8 +407,26 @@ def summarize(runs: list[Run], fraction: float = THRESHOLD_FRACTION) -> dict[str
                 "epochs": len(r.train_rows),
                 "reward_queries": _last(training_curve(r)[0]),
                 "final_reward": r.train_rows[-1]["reward_mean"] if r.train_rows else None,
+                "verdict": judge([r.rows], r.reward).to_dict(),
             }
         )
+    return out
+
+
+def verdicts(runs: list[Run]) -> list[dict[str, Any]]:
+    """The verdict (tdpo.verdict.judge) of each training reward and method, over its seeds."""
+    out = []
+    for reward, by_method in group_runs(runs).items():
+        for method, rs in by_method.items():
+            out.append(
+                {
+                    "reward": reward,
+                    "method": method,
+                    "runs": [r.id for r in rs],
+                    "seeds": [r.seed for r in rs],
+                    "verdict": judge([r.rows for r in rs], reward).to_dict(),
+                }
+            )
     return out
 
 
@@ -411,28 +447,68 @@ def table_rows(group: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header (metric, then one column per method) and rows of one training reward's table."""
     methods = group["methods"]
     header = ["metric"] + [m["method"] for m in methods]
-    rows = [["runs (seeds)"] + [f"{m['n']} ({', '.join(map(str, m['seeds']))})" for m in methods]]
+    # With one run there is nothing to compare: no seed counts, no threshold or matched level.
+    several = sum(m["n"] for m in methods) > 1
+    rows = []
+    if any(m["n"] > 1 for m in methods):
+        rows.append(
+            ["runs (seeds)"] + [f"{m['n']} ({', '.join(map(str, m['seeds']))})" for m in methods]
+        )
     rows.append(["final training reward"] + [_fmt(m["final_reward"]) for m in methods])
     thr = group["threshold"]
-    name = f"reward queries to {thr:.3f}" if thr is not None else "reward queries to threshold"
-    row = [name]
-    for m in methods:
-        q = m["queries_to_threshold"]
-        text = "–" if q["mean"] is None else f"{q['mean']:.0f}"
-        if q["std"] is not None:
-            text += f" ± {q['std']:.0f}"
-        row.append(f"{text} (reached {q['reached']}/{m['n']})")
-    rows.append(row)
+    if several:
+        name = f"reward queries to {thr:.3f}" if thr is not None else "reward queries to threshold"
+        row = [name]
+        for m in methods:
+            q = m["queries_to_threshold"]
+            text = "–" if q["mean"] is None else f"{q['mean']:.0f}"
+            if q["std"] is not None:
+                text += f" ± {q['std']:.0f}"
+            row.append(f"{text} (reached {q['reached']}/{m['n']})" if m["n"] > 1 else text)
+        rows.append(row)
     for key in group["metrics"]:
         rows.append([f"final {key}"] + [_fmt(m["final"][key]) for m in methods])
-    for key, level in group["matched_levels"].items():
+    for key, level in group["matched_levels"].items() if several else ():
         label = f"{key} at training reward {level:.3f}" if level is not None else key
         rows.append([label] + [_fmt(m["ood_at_matched"][key]) for m in methods])
     return header, rows
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    lines = ["# Summary", ""]
+    several = any(len(e["runs"]) > 1 for e in summary.get("verdicts", []))
+    lines = ["# Summary", "", "## Did training help, and did it over-optimize?", ""]
+    lines.append(rule_text(several))
+    for entry in summary.get("verdicts", []):
+        v = entry["verdict"]
+        lines += ["", f"### {_who(entry)}, trained on {entry['reward']}", ""]
+        lines.append(f"**{v['conclusion']}**")
+        if v["kind"] == "no-eval":
+            continue
+        final = max(v["final_epochs"], default=0)
+        lines += ["", f"{v['evidence']} (epoch 0 -> {final}).", ""]
+        sets = v["sets"]
+        lines.append(
+            "| held-out metric | "
+            + " | ".join(f"{s_} base | {s_} final | {s_} change" for s_ in sets)
+            + " |"
+        )
+        lines.append("|---|" + "---|---|---|" * len(sets))
+        names = list(dict.fromkeys(m for s_ in sets for m in v["changes"][s_]))
+        for name in names:
+            cells = [name]
+            for label in sets:
+                c = v["changes"][label].get(name)
+                if c is None:
+                    cells += ["–"] * 3
+                    continue
+                change = signed(c["delta"]) + (
+                    f" ± {num(c['spread'])}" if c["spread"] is not None else ""
+                )
+                if name not in INFO_METRICS:
+                    change += {"up": " ▲", "down": " ▼", "flat": " (flat)"}[c["word"]]
+                cells += [num(c["base"]), num(c["final"]), change]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Training", ""]
     lines.append(
         "Mean ± sample standard deviation over runs (seeds). Threshold = r0 + "
         f"{summary['threshold_fraction']} × (best − r0); matched level = the smallest, over "
@@ -479,11 +555,11 @@ def _matplotlib_dir() -> None:
     os.environ["MPLCONFIGDIR"] = str(folder if usable else tempfile.mkdtemp(prefix="tdpo-mpl-"))
 
 
-def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, max_cols: int = 3):
     _matplotlib_dir()
     from matplotlib.figure import Figure  # deferred: matplotlib would slow down `tdpo --help`
 
-    cols = min(n_panels, 3)
+    cols = min(n_panels, max_cols)
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -540,45 +616,129 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _several_seeds(by_method) -> bool:
+    return any(len(rs) > 1 for rs in by_method.values())
+
+
+def _mark_ends(ax, xs, ys, colour) -> None:
+    """The first point (start) hollow, the last (end) filled."""
+    if not len(xs):
+        return
+    ax.plot([xs[0]], [ys[0]], "o", ms=7, mfc="white", mec=colour, mew=1.5, zorder=4)
+    ax.plot([xs[-1]], [ys[-1]], "s", ms=7, color=colour, zorder=4)
+
+
+def _ends_legend(ax, start: str, end: str, fontsize: int = 8) -> None:
+    """The method legend plus the start / end markers' meaning."""
+    from matplotlib.lines import Line2D  # deferred with matplotlib
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [
+        Line2D([], [], ls="", marker="o", ms=7, mfc="white", mec="#444", mew=1.5),
+        Line2D([], [], ls="", marker="s", ms=7, color="#444"),
+    ]
+    ax.legend(handles, labels + [start, end], fontsize=fontsize)
+
+
+def _queries_by_epoch(run: Run) -> dict[int, float]:
+    """Reward queries at the end of each epoch (0 for epoch 0, the base model)."""
+    per_epoch = _get(run.config, "sample.samples_per_epoch")
+    out = {0: 0.0}
+    for row in run.rows:
+        epoch = row.get("epoch")
+        if not _finite(epoch):
+            continue
+        if _finite(row.get("reward_queries")):
+            out[int(epoch)] = float(row["reward_queries"])
+        elif int(epoch) not in out and _finite(per_epoch):
+            out[int(epoch)] = float(epoch * per_epoch)
+    return out
+
+
 def plot_sample_efficiency(groups, colours, out: Path) -> list[tuple[str, str]]:
+    """Training reward on each epoch's samples against reward queries, with the base model's
+    level (the first epoch's samples are drawn before any update)."""
     fig, axes = _figure(len(groups))
+    several = any(_several_seeds(by_method) for by_method in groups.values())
     for ax, (reward, by_method) in zip(axes, groups.items()):
         _plot_runs(ax, by_method, colours, training_curve, band=True)
+        firsts = [r.train_rows[0]["reward_mean"] for rs in by_method.values() for r in rs]
+        if firsts:
+            r0 = float(np.mean(firsts))
+            ax.axhline(r0, color="#555", ls="--", lw=1.0, label=f"base model ({r0:.3f})")
         ax.set_xlabel("reward queries")
-        ax.set_ylabel(f"training reward ({reward})")
+        ax.set_ylabel(f"{reward}, epoch mean")
         ax.set_title(f"sample efficiency: {reward}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     name = "sample_efficiency.png"
     _save(fig, out / name)
-    return [(name, "Training reward against reward queries (sample efficiency, cf. Figure 4).")]
+    spread = (
+        " Several seeds: thin lines per seed, a thick mean and a band of ± one standard "
+        "deviation over seeds."
+        if several
+        else ""
+    )
+    return [
+        (
+            name,
+            "Training reward (mean over each epoch's fresh samples, on training prompts) against "
+            "reward queries; dashed: the base model's level, the mean reward of the first epoch's "
+            "samples (drawn before any update). Each epoch draws new prompts, so the curve is "
+            "noisy; the held-out curves above use fixed prompts and noise. Cf. the paper's "
+            f"Figure 4.{spread}",
+        )
+    ]
 
 
 def plot_ood(groups, colours, out: Path, gold_only: bool) -> list[tuple[str, str]]:
+    """Each panel reward (or gold metric) on the training samples against reward queries."""
     made = []
     for g_index, (reward, by_method) in enumerate(groups.items()):
         runs = [r for rs in by_method.values() for r in rs]
-        keys = sorted({k for r in runs for k in ood_keys(r)})
-        if gold_only:
-            keys = [k for k in keys if "shapes_gold" in k.rsplit("/", 1)[-1]]
+        keys = sorted({k for r in runs for k in ood_keys(r) if k.startswith("panel/")})
+        is_gold = ["shapes_gold" in k.rsplit("/", 1)[-1] for k in keys]
+        keys = [k for k, g in zip(keys, is_gold) if g == gold_only]
         if not keys:
             continue
         fig, axes = _figure(len(keys), 4.6, 3.4)
         for ax, key in zip(axes, keys):
-            _plot_runs(ax, by_method, colours, lambda r, k=key: ood_pairs(r, k), band=False)
-            ax.set_xlabel(f"training reward ({reward})")
-            ax.set_ylabel(key)
-            ax.set_title(key, fontsize=10)
+
+            def series(r, k=key):
+                queries = _queries_by_epoch(r)
+                pts = [
+                    (queries[int(row["epoch"])], float(row[k]))
+                    for row in r.rows
+                    if _finite(row.get(k)) and int(row.get("epoch") or 0) in queries
+                ]
+                return np.asarray([p[0] for p in pts]), np.asarray([p[1] for p in pts])
+
+            _plot_runs(ax, by_method, colours, series, band=True)
+            for method, rs in by_method.items():
+                curves = [series(r) for r in rs if len(series(r)[0])]
+                band = _band(curves)
+                xs, ys = (band[0], band[1]) if band else (curves[0] if curves else ([], []))
+                _mark_ends(ax, xs, ys, colours[method])
+            ax.set_xlabel("reward queries")
+            ax.set_ylabel(key.split("/", 1)[1])
+            ax.set_title(f"{key.split('/', 1)[1]} on the training samples", fontsize=10)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        _ends_legend(axes[0], "first epoch (base model's samples)", "last epoch")
         name = f"{'gold' if gold_only else 'cross_reward'}_{g_index}.png"
         _save(fig, out / name)
-        what = "Gold metrics" if gold_only else "Out-of-domain rewards and metrics"
+        what = "Gold metrics" if gold_only else "The other rewards of the panel"
+        spread = (
+            " Several seeds: thin lines per seed, thick mean, band ± one standard deviation."
+            if _several_seeds(by_method)
+            else ""
+        )
         made.append(
             (
                 name,
-                f"{what} against the training reward {reward} (cross-reward "
-                "generalization, cf. Figure 3).",
+                f"{what} (panel/*), scored on each epoch's training samples of the runs trained "
+                f"on {reward}, against reward queries (hollow circle: the first epoch, whose "
+                "samples come from the base model; square: the last). Training prompts differ "
+                f"from epoch to epoch; the held-out plots use fixed prompts and noise.{spread}",
             )
         )
     return made
@@ -594,17 +754,99 @@ def heldout_series(run: Run, label: str, x_key: str, y_key: str) -> dict[int, tu
     return out
 
 
-def plot_heldout_tradeoff(groups, colours, out: Path) -> list[tuple[str, str]]:
-    """Held-out training reward (x) against each held-out gold / out-of-domain reward (y), mean
-    and standard deviation over seeds at every evaluation epoch: the same prompts and initial
-    noise at every point, so the curves are free of the epoch-to-epoch prompt mix."""
+def _heldout_keys(runs: list[Run]) -> list[str]:
+    return sorted({k for r in runs for row in r.rows for k in row if k.startswith("eval/")})
+
+
+def plot_heldout_curves(groups, colours, out: Path) -> list[tuple[str, str]]:
+    """The headline: each held-out metric (training reward, gold, the other rewards, KL) against
+    reward queries, seen prompts solid, unseen dashed; epoch 0 (x = 0) is the base model."""
     made = []
     for g_index, (reward, by_method) in enumerate(groups.items()):
         runs = [r for rs in by_method.values() for r in rs]
-        keys = sorted(
-            {k for r in runs for k in r.rows[-1] if k.startswith("eval/")}
-            | {k for r in runs for row in r.rows for k in row if k.startswith("eval/")}
+        keys = _heldout_keys(runs)
+        labels = list(dict.fromkeys(k.split("/")[1] for k in keys))
+        names = metric_order({k.split("/", 2)[2] for k in keys} - {"diversity"}, reward)
+        if not labels or not names:
+            continue
+        styles = dict(zip(labels, ("-", "--", ":", "-.") * 4))
+        markers = dict(zip(labels, ("o", "s", "^", "D") * 4))
+        fig, axes = _figure(len(names), 4.2, 3.3, max_cols=4)
+        for ax, name in zip(axes, names):
+            for method, rs in by_method.items():
+                for label in labels:
+                    series = []
+                    for r in rs:
+                        queries = _queries_by_epoch(r)
+                        values = {
+                            int(row["epoch"]): float(row[f"eval/{label}/{name}"])
+                            for row in r.rows
+                            if _finite(row.get(f"eval/{label}/{name}"))
+                        }
+                        series.append({e: (queries.get(e), v) for e, v in values.items()})
+                    common = set.intersection(*(set(s) for s in series)) if series else set()
+                    epochs = sorted(e for e in common if all(s[e][0] is not None for s in series))
+                    if not epochs:
+                        continue
+                    xs = np.array([[s[e][0] for e in epochs] for s in series]).mean(0)
+                    ys = np.array([[s[e][1] for e in epochs] for s in series])
+                    mean = ys.mean(0)
+                    ax.plot(
+                        xs,
+                        mean,
+                        styles[label],
+                        marker=markers[label],
+                        ms=4,
+                        color=colours[method],
+                        lw=1.6,
+                        label=f"{method}, {label}"
+                        + (f" (mean of {len(rs)})" if len(rs) > 1 else ""),
+                    )
+                    if len(rs) > 1:
+                        std = ys.std(0, ddof=1)
+                        ax.fill_between(
+                            xs, mean - std, mean + std, color=colours[method], alpha=0.15, lw=0
+                        )
+            ax.set_xlabel("reward queries (0 = base model)")
+            kind = " (training reward)" if name == reward else (" (gold)" if "gold" in name else "")
+            ax.set_title(f"{name}{kind}", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("held-out mean")
+        axes[0].legend(fontsize=7)
+        name = f"heldout_{g_index}.png"
+        _save(fig, out / name)
+        spread = (
+            " Several seeds: the mean over seeds, the band ± one standard deviation over seeds."
+            if _several_seeds(by_method)
+            else ""
         )
+        made.append(
+            (
+                name,
+                f"Held-out evaluation of the runs trained on {reward}: each metric's mean over "
+                "fixed prompts and fixed initial noise (the same at every evaluation) against "
+                f"reward queries; x = 0 is the base model. Line style: prompt set "
+                f"({', '.join(f'{lb} {st}' for lb, st in _style_words(styles).items())}).{spread}",
+            )
+        )
+    return made
+
+
+def _style_words(styles: dict[str, str]) -> dict[str, str]:
+    words = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dotted"}
+    return {label: words[style] for label, style in styles.items()}
+
+
+def plot_heldout_tradeoff(groups, colours, out: Path) -> list[tuple[str, str]]:
+    """Held-out training reward (x) against each held-out gold / out-of-domain reward (y) at
+    every evaluation epoch (the mean over seeds, ± one standard deviation with several): the
+    same prompts and initial noise at every point, so the curves are free of the epoch-to-epoch
+    prompt mix. Start (epoch 0, the base model) and end are marked, every point is labelled
+    with its epoch."""
+    made = []
+    for g_index, (reward, by_method) in enumerate(groups.items()):
+        runs = [r for rs in by_method.values() for r in rs]
+        keys = _heldout_keys(runs)
         labels = sorted({k.split("/")[1] for k in keys if k.endswith(f"/{reward}")})
         targets = sorted({k.split("/", 2)[2] for k in keys} - {reward, "kl", "diversity"})
         gold = [t for t in targets if "gold" in t]
@@ -612,6 +854,7 @@ def plot_heldout_tradeoff(groups, colours, out: Path) -> list[tuple[str, str]]:
         panels = [(label, t) for label in labels for t in targets]
         if not panels:
             continue
+        several = _several_seeds(by_method)
         fig, axes = _figure(len(panels), 4.6, 3.4)
         for ax, (label, target) in zip(axes, panels):
             for method, method_runs in by_method.items():
@@ -621,32 +864,51 @@ def plot_heldout_tradeoff(groups, colours, out: Path) -> list[tuple[str, str]]:
                     continue
                 xs = np.array([[s[e][0] for e in epochs] for s in series])
                 ys = np.array([[s[e][1] for e in epochs] for s in series])
+                colour = colours[method]
+                kwargs = {}
+                if len(method_runs) > 1:
+                    kwargs = {"xerr": xs.std(0, ddof=1), "yerr": ys.std(0, ddof=1), "capsize": 2}
                 ax.errorbar(
                     xs.mean(0),
                     ys.mean(0),
-                    xerr=xs.std(0),
-                    yerr=ys.std(0),
-                    marker="o",
-                    ms=3,
+                    marker=".",
+                    ms=4,
                     lw=1.2,
-                    capsize=2,
-                    color=colours[method],
+                    color=colour,
                     label=method,
+                    **kwargs,
                 )
-            ax.set_xlabel(f"eval/{label}/{reward} (training reward)")
-            ax.set_ylabel(f"eval/{label}/{target}")
+                _mark_ends(ax, xs.mean(0), ys.mean(0), colour)
+                for e, x, y in zip(epochs, xs.mean(0), ys.mean(0)):
+                    ax.annotate(
+                        str(e),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 3),
+                        fontsize=8,
+                        color=colour,
+                    )
+            ax.locator_params(axis="x", nbins=5)  # long tick labels must not overlap
+            ax.set_xlabel(f"{reward} (training reward), held-out")
+            ax.set_ylabel(f"{target}, held-out")
             ax.set_title(f"{label} prompts: {target}", fontsize=10)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        _ends_legend(axes[0], "start: base model (epoch 0)", "end: last evaluation", 7)
         name = f"heldout_tradeoff_{g_index}.png"
         _save(fig, out / name)
+        spread = (
+            "the mean over seeds with ± one standard deviation over seeds as error bars"
+            if several
+            else "one run per method"
+        )
         made.append(
             (
                 name,
-                f"Held-out evaluation, training on {reward}: the training reward "
-                "against gold and the other rewards on fixed prompts and noise, mean and "
-                "standard deviation over seeds at each evaluation epoch (the first point is "
-                "the base model). Cf. the paper's Figure 3.",
+                f"Held-out trade-off, training on {reward}: the held-out training reward (x) "
+                "against gold and the other rewards (y) on fixed prompts and noise at every "
+                f"evaluation, {spread}; numbers are epochs, the hollow circle the base model "
+                "(epoch 0), the square the last evaluation. Right and down = the training reward "
+                "rose while the other metric fell (over-optimization). Cf. the paper's Figure 3.",
             )
         )
     return made
@@ -674,7 +936,14 @@ def plot_dynamics(runs: list[Run], colours, out: Path) -> list[tuple[str, str]]:
     axes[0].legend(fontsize=8)
     name = "critic_dynamics.png"
     _save(fig, out / name)
-    return [(name, "Critic neurons (dormant and active fractions) and explained variance.")]
+    return [
+        (
+            name,
+            "The critic over epochs: the fractions of its dormant and active neurons (TDPO-R "
+            "re-initializes the active ones) and its explained variance of the returns on each "
+            "epoch's samples (1 = exact, 0 = no better than a constant).",
+        )
+    ]
 
 
 CRITIC_QUARTERS = ("q1", "q2", "q3", "q4")
@@ -688,7 +957,7 @@ def plot_critic_quarters(runs: list[Run], colours, out: Path) -> list[tuple[str,
     for r in runs:
         by_method.setdefault(r.label, []).append(r)
     by_method = {m: by_method[m] for m in sorted(by_method, key=_method_sort_key)}
-    fig, axes = _figure(4, 3.6, 3.2)
+    fig, axes = _figure(4, 3.4, 3.2, max_cols=4)
     for ax, q in zip(axes, CRITIC_QUARTERS):
         for prefix, style in (("critic_ev", "-"), ("critic_ref", "--")):
 
@@ -718,7 +987,9 @@ def plot_critic_quarters(runs: list[Run], colours, out: Path) -> list[tuple[str,
             name,
             "How much the critic knows: the explained variance of its values V_old for the "
             "returns, on each epoch's fresh samples, per quarter of the denoising steps (q1 the "
-            "first, from noise; q4 the last, nearest the image), mean over seeds. 1 = the critic "
+            "first, from noise; q4 the last, nearest the image)"
+            + (", mean over seeds" if _several_seeds(by_method) else "")
+            + ". 1 = the critic "
             "predicts the return exactly, 0 = no better than a constant, below 0 worse. Dashed: "
             "the share that the training reward of the denoiser's own x0 estimate explains (an "
             "upper reference, log.critic_reference).",
@@ -757,11 +1028,54 @@ def copy_samples(run: Run, out: Path) -> list[tuple[str, list[tuple[str, str]]]]
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target / path.name)
             epoch = int(path.stem.rsplit("_", 1)[-1])
-            picked.append((f"samples/{run.id}/{path.name}", f"epoch {epoch}"))
+            picked.append((f"samples/{run.id}/{path.name}", _grid_caption(kind, epoch)))
         title = (
-            "training samples" if kind == "epoch" else kind.replace("_", " ").removesuffix(" epoch")
+            "training samples (each epoch draws its own prompts and noise)"
+            if kind == "epoch"
+            else kind.replace("_", " ").removesuffix(" epoch").replace("eval ", "held-out ")
+            + " prompts (the same prompts and noise at every evaluation)"
         )
         made.append((title, picked))
+    return made
+
+
+def _grid_caption(kind: str, epoch: int) -> str:
+    if kind == "epoch":
+        return f"epoch {epoch}: samples of the model before that epoch's update"
+    return "epoch 0: the base model" if epoch == 0 else f"epoch {epoch}"
+
+
+def sample_pairs(run: Run, out: Path) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
+    """For each held-out prompt set: its grid of the base model (epoch 0) and of the last
+    evaluation, copied into the report; [(set, (path, caption), (path, caption))]."""
+    samples = run.path / "samples"
+    if not samples.is_dir():
+        return []
+    by_set: dict[str, dict[int, Path]] = {}
+    for path in sorted(samples.glob("eval_*_epoch_*.png")):
+        label, _, epoch = path.stem.removeprefix("eval_").rpartition("_epoch_")
+        if label and epoch.isdigit() and _inside(path, run.path):
+            by_set.setdefault(label, {})[int(epoch)] = path
+    made = []
+    target = out / "samples" / run.id
+    for label, grids in by_set.items():
+        last = max(grids)
+        if 0 not in grids or last == 0:
+            continue
+        picked = []
+        for epoch, words in (
+            (0, "before: the base model (epoch 0)"),
+            (last, f"after: epoch {last}"),
+        ):
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grids[epoch], target / grids[epoch].name)
+            picked.append(
+                (
+                    f"samples/{run.id}/{grids[epoch].name}",
+                    f"{words}; under each image its prompt and scores",
+                )
+            )
+        made.append((label, picked[0], picked[1]))
     return made
 
 
@@ -769,12 +1083,22 @@ def copy_samples(run: Run, out: Path) -> list[tuple[str, list[tuple[str, str]]]]
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+th.set { text-align: center; background: #f4f4f4; }
+tr.key td { font-weight: bold; }
+td.up { color: #06700c; } td.down { color: #b00020; } td.flat { color: #777; }
+p.verdict { font-size: 1.15em; margin: 0.2em 0; }
+p.verdict.over-optimized, p.verdict.worse, p.verdict.reward-down { color: #b00020; }
+p.verdict.improved, p.verdict.reward-only { color: #06700c; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
-.grids { display: flex; flex-wrap: wrap; gap: 1em; }
-.grids figure { margin: 0; } .grids img { max-width: 420px; border: 1px solid #eee; }
+figure { margin: 0.8em 0; } figcaption { color: #444; font-size: 0.9em; max-width: 1100px; }
+.pair { display: flex; gap: 1em; align-items: flex-start; }
+.pair figure { margin: 0; flex: 1 1 0; min-width: 0; }
+.pair img, .grids img { max-width: 100%; border: 1px solid #eee; }
+.grids { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+.grids figure { margin: 0; max-width: 100%; }
 .note { color: #555; font-size: 0.9em; }
 """
 
@@ -789,14 +1113,112 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_html(out: Path, runs: list[Run], summary, plots, samples, skipped) -> Path:
+def _figure_html(src: str, caption: str, css: str = "plot", caption_first: bool = False) -> str:
+    image = f"<a href='{_e(src)}'><img class='{css}' src='{_e(src)}' alt='{_e(caption)}'></a>"
+    text = f"<figcaption>{_e(caption)}</figcaption>"
+    return f"<figure>{text + image if caption_first else image + text}</figure>"
+
+
+def _who(entry: dict[str, Any]) -> str:
+    """The method and its seeds: ``TDPO-R, 3 seeds (0, 1, 2)`` or ``TDPO-R, run x, seed 0``."""
+    runs, seeds = entry["runs"], entry["seeds"]
+    if len(runs) > 1:
+        return f"{entry['method']}, {len(runs)} seeds ({', '.join(map(str, seeds))})"
+    return f"{entry['method']}, run {runs[0]}, seed {seeds[0]}"
+
+
+def verdict_table(verdict: dict[str, Any]) -> str:
+    """Base, final and change of every held-out metric, one column group per prompt set; a
+    counted change is marked ▲ / ▼ (see tdpo.verdict), KL and diversity are not judged."""
+    sets = verdict["sets"]
+    reward, gold = verdict["reward"], verdict["gold"]
+    names: list[str] = []
+    for label in sets:
+        names += [m for m in verdict["changes"][label] if m not in names]
+    head = "<tr><th rowspan='2'>held-out metric</th>" + "".join(
+        f"<th class='set' colspan='3'>{_e(label)} prompts</th>" for label in sets
+    )
+    head += "</tr><tr>" + "<th>base (epoch 0)</th><th>final</th><th>change</th>" * len(sets)
+    head += "</tr>"
+    body = []
+    for name in names:
+        title = name
+        if name == reward:
+            title += " (training reward)"
+        elif name == gold:
+            title += " (gold)"
+        key = name in (reward, gold)
+        cells = [f"<td>{_e(title)}</td>"]
+        for label in sets:
+            c = verdict["changes"][label].get(name)
+            if c is None:
+                cells.append("<td>–</td>" * 3)
+                continue
+            change = signed(c["delta"])
+            if c["spread"] is not None:
+                change += f" ± {num(c['spread'])}"
+            if name in INFO_METRICS:
+                css = ""
+            else:
+                css = c["word"]
+                change += {"up": " ▲", "down": " ▼", "flat": " (flat)"}[c["word"]]
+            cells.append(
+                f"<td>{_e(num(c['base']))}</td><td>{_e(num(c['final']))}</td>"
+                f"<td class='{css}'>{_e(change)}</td>"
+            )
+        body.append(f"<tr class='{'key' if key else ''}'>" + "".join(cells) + "</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def verdict_html(entry: dict[str, Any]) -> str:
+    v = entry["verdict"]
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tdpo report</title>",
+        f"<h3>{_e(_who(entry))}: trained on {_e(entry['reward'])}</h3>",
+        f"<p class='verdict {_e(v['kind'])}'><b>{_e(v['conclusion'])}</b></p>",
+    ]
+    if v["kind"] != "no-eval":
+        final = max(v["final_epochs"], default=0)
+        evidence = v["evidence"][:1].upper() + v["evidence"][1:]
+        parts.append(f"<p class='note'>{_e(evidence)} (epoch 0 → {final}).</p>")
+        if v["note"]:
+            parts.append(f"<p class='note'><b>Note:</b> {_e(v['note'])}.</p>")
+        parts.append(verdict_table(v))
+    return "\n".join(parts)
+
+
+def _pairs_html(pairs) -> list[str]:
+    parts = []
+    for label, (base_src, base_cap), (final_src, final_cap) in pairs:
+        parts.append(f"<h4>Held-out samples, {_e(label)} prompts: before and after</h4>")
+        parts.append(
+            "<div class='pair'>"
+            + _figure_html(base_src, base_cap, "grid", caption_first=True)
+            + _figure_html(final_src, final_cap, "grid", caption_first=True)
+            + "</div>"
+        )
+    return parts
+
+
+CRITIC_NOTE = (
+    "The critic V(x_t) of TDPO and TDPO-R predicts the return G of each intermediate state. Its "
+    "explained variance, 1 − Var(G − V) / Var(G), is the share of the returns' variation it "
+    "predicts: 1 = exactly, 0 = no better than a constant, below 0 = worse than a constant. Near "
+    "0, the per-step advantages G − V carry no more information than DDPO's final reward."
+)
+
+
+def write_html(out: Path, runs: list[Run], summary, plots, samples, skipped, pairs=None) -> Path:
+    pairs = pairs or {}
+    single = len(runs) == 1
+    headline = [p for p in plots if p[0].startswith("heldout_") and "tradeoff" not in p[0]]
+    critic = [p for p in plots if p[0].startswith("critic_")]
+    others = [p for p in plots if p not in headline and p not in critic]
+    title = runs[0].id if single else f"{len(runs)} runs"
+    several = any(len(e["runs"]) > 1 for e in summary["verdicts"])
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tdpo report: {_e(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>tdpo report: {len(runs)} run{'s' if len(runs) != 1 else ''}</h1>",
-        "<p class='note'>Numbers: <a href='summary.json'>summary.json</a>, "
-        "<a href='summary.md'>summary.md</a>. Definitions of every number are in the "
-        "docstring of <code>tdpo.report</code>.</p>",
+        f"<h1>tdpo report: {_e(title)}</h1>",
     ]
     if skipped:
         parts.append(
@@ -804,24 +1226,55 @@ def write_html(out: Path, runs: list[Run], summary, plots, samples, skipped) -> 
             + ", ".join(_e(s) for s in skipped)
             + "</p>"
         )
-    parts.append("<h2>Summary</h2>")
+    parts.append("<h2>Did training help, and did it over-optimize?</h2>")
     parts.append(
-        f"<p class='note'>Mean ± sample standard deviation over runs. Queries to threshold: "
-        f"threshold = r0 + {summary['threshold_fraction']} × (best − r0), r0 = mean first "
-        "training reward, best = best method's mean final training reward. <i>X at L</i>: the "
-        "metric interpolated at training reward L, the smallest over runs of each run's "
-        "largest training reward (a level every run reached).</p>"
+        "<p class='note'>Held-out evaluation: the same prompts (seen = training prompts, unseen "
+        "= prompts never trained on) and the same initial noise for the base model (epoch 0) and "
+        f"after training. {_e(rule_text(several))} ▲ / ▼: a change that counts; KL (to the base "
+        "model) and "
+        "diversity are shown, not judged.</p>"
     )
-    for group in summary["groups"]:
-        parts.append(f"<h3>Training reward: {_e(group['reward'])}</h3>")
-        parts.append(_html_table(*table_rows(group)))
-    parts.append("<h2>Plots</h2>")
-    for name, caption in plots:
-        parts.append(
-            f"<figure><img class='plot' src='{_e(name)}' alt='{_e(caption)}'>"
-            f"<figcaption>{_e(caption)}</figcaption></figure>"
+    for reward in dict.fromkeys(e["reward"] for e in summary["verdicts"]):
+        for entry in (e for e in summary["verdicts"] if e["reward"] == reward):
+            parts.append(verdict_html(entry))
+        group_index = list(dict.fromkeys(e["reward"] for e in summary["verdicts"])).index(reward)
+        for name, caption in headline:
+            if name == f"heldout_{group_index}.png":
+                parts.append(_figure_html(name, caption))
+    if single:
+        parts += _pairs_html(pairs.get(runs[0].id, []))
+    parts.append("<h2>Details</h2>")
+    parts.append(
+        "<p class='note'>Numbers: <a href='summary.json'>summary.json</a>, "
+        "<a href='summary.md'>summary.md</a>. Definitions of every number are in the "
+        "docstrings of <code>tdpo.report</code> and <code>tdpo.verdict</code>.</p>"
+    )
+    parts.append("<h3>Training (the epochs' own samples)</h3>")
+    note = (
+        "Training-batch figures: each epoch's fresh samples on training prompts; the panel "
+        "rewards are those of the last training epoch. "
+    )
+    if not single:
+        note += (
+            "Mean ± sample standard deviation over runs. Queries to threshold: threshold = r0 + "
+            f"{summary['threshold_fraction']} × (best − r0), r0 = mean first training reward, "
+            "best = best method's mean final training reward. <i>X at L</i>: the metric "
+            "interpolated at training reward L, the smallest over runs of each run's largest "
+            "training reward (a level every run reached)."
         )
-    parts.append("<h2>Runs</h2>")
+    parts.append(f"<p class='note'>{note}</p>")
+    for group in summary["groups"]:
+        parts.append(f"<h4>Training reward: {_e(group['reward'])}</h4>")
+        parts.append(_html_table(*table_rows(group)))
+    parts.append("<h3>Plots</h3>")
+    for name, caption in others:
+        parts.append(_figure_html(name, caption))
+    if critic:
+        parts.append("<h3>Critic (TDPO, TDPO-R)</h3>")
+        parts.append(f"<p>{_e(CRITIC_NOTE)}</p>")
+        for name, caption in critic:
+            parts.append(_figure_html(name, caption))
+    parts.append("<h3>Runs</h3>")
     rows = [
         [
             r["id"],
@@ -830,26 +1283,27 @@ def write_html(out: Path, runs: list[Run], summary, plots, samples, skipped) -> 
             r["seed"],
             r["epochs"],
             _fmt({"mean": r["final_reward"]}),
+            r["verdict"]["conclusion"],
         ]
         for r in summary["runs"]
     ]
-    parts.append(_html_table(["run", "method", "reward", "seed", "epochs", "final reward"], rows))
+    header = ["run", "method", "reward", "seed", "epochs", "final training reward", "verdict"]
+    parts.append(_html_table(header, rows))
     for run in runs:
         parts.append(
-            f"<h3 id='{_e(run.id)}'>{_e(run.id)} ({_e(run.label)}, {_e(run.reward)}, "
-            f"seed {_e(run.seed)})</h3>"
+            f"<h4 id='{_e(run.id)}'>{_e(run.id)} ({_e(run.label)}, {_e(run.reward)}, "
+            f"seed {_e(run.seed)})</h4>"
         )
         parts.append(
             f"<p class='note'>From <code>{_e(run.path)}</code>; "
             f"<a href='runs/{_e(run.id)}/config.yaml'>config.yaml</a></p>"
         )
-        for title, grids in samples.get(run.id, []):
-            parts.append(f"<h4>{_e(title)}</h4><div class='grids'>")
+        if not single:
+            parts += _pairs_html(pairs.get(run.id, []))
+        for title_, grids in samples.get(run.id, []):
+            parts.append(f"<h4>{_e(title_)}</h4><div class='grids'>")
             for src, caption in grids:
-                parts.append(
-                    f"<figure><a href='{_e(src)}'><img src='{_e(src)}' alt='{_e(caption)}'></a>"
-                    f"<figcaption>{_e(caption)}</figcaption></figure>"
-                )
+                parts.append(_figure_html(src, caption, "grid"))
             parts.append("</div>")
     parts.append("</body></html>\n")
     path = out / "index.html"
@@ -922,18 +1376,20 @@ def _write_report(out: Path, runs: list[Run], skipped: list[str]) -> int:
     (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     groups = group_runs(runs)
     colours = _colours([r.label for r in runs])
-    plots = plot_sample_efficiency(groups, colours, out)
-    plots += plot_ood(groups, colours, out, gold_only=False)
-    plots += plot_ood(groups, colours, out, gold_only=True)
+    plots = plot_heldout_curves(groups, colours, out)  # the headline, after the verdict
     plots += plot_heldout_tradeoff(groups, colours, out)
+    plots += plot_sample_efficiency(groups, colours, out)
+    plots += plot_ood(groups, colours, out, gold_only=True)
+    plots += plot_ood(groups, colours, out, gold_only=False)
     plots += plot_dynamics(runs, colours, out)
     plots += plot_critic_quarters(runs, colours, out)
-    samples = {}
+    samples, pairs = {}, {}
     for run in runs:
         samples[run.id] = copy_samples(run, out)
+        pairs[run.id] = sample_pairs(run, out)
         (out / "runs" / run.id).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.path / "config.yaml", out / "runs" / run.id / "config.yaml")
-    write_html(out, runs, summary, plots, samples, skipped)
+    write_html(out, runs, summary, plots, samples, skipped, pairs)
     return len(plots)
 
 

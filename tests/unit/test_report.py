@@ -42,7 +42,14 @@ def test_every_file_present_and_every_link_resolves(report):
     html = (report / "index.html").read_text()
     assert "<script" not in html
     # plots of cross-reward generalization, gold, critic dynamics; grids of first/middle/last
-    for name in ("cross_reward_0.png", "gold_0.png", "critic_dynamics.png", "critic_quarters.png"):
+    for name in (
+        "heldout_0.png",
+        "heldout_tradeoff_1.png",  # group 0 (shapes_pickscore) has no held-out reward
+        "cross_reward_0.png",
+        "gold_0.png",
+        "critic_dynamics.png",
+        "critic_quarters.png",
+    ):
         assert name in links
     grids = sorted(p.name for p in (report / "samples" / "tdpo-r-s0").glob("*.png"))
     assert grids[:3] == ["epoch_0001.png", "epoch_0004.png", "epoch_0006.png"]
@@ -94,6 +101,69 @@ def test_summary_matches_hand_computation(report):
     md = (report / "summary.md").read_text()
     assert "| final training reward | 3.100 ± 0.141 | 2.800 | 1.800 ± 0.141 |" in md
     assert "reward queries to 2.696" in md
+
+
+def test_first_screen_gives_the_verdict_of_each_method(report):
+    """Hand computation (tests/fixtures/fake_runs.py, ``_eval``): held-out base = epoch 0, final =
+    epoch 6. DDPO-2 seen prompts: training reward 0.9 -> 1.7 and 1.0 -> 1.9 (changes 0.8 and
+    0.9: mean 0.85, spread 0.0707); gold 0.45 -> 0.41 and 0.46 -> 0.39 (-0.04 and -0.07: mean
+    -0.055, spread 0.0212 > 2% of 0.455). Unseen gold: 0.40 -> 0.37, 0.41 -> 0.35 (mean -0.045)."""
+    html = (report / "index.html").read_text()
+    first, details = html.split("<h2>Details</h2>")
+    assert "Did training help, and did it over-optimize?" in first
+    summary = json.loads((report / "summary.json").read_text())
+    verdicts = {(v["reward"], v["method"]): v for v in summary["verdicts"]}
+    ddpo = verdicts[("shapes_aesthetic", "DDPO-2")]
+    assert ddpo["runs"] == ["ddpo-2-s0", "ddpo-2-s1"]
+    v = ddpo["verdict"]
+    reward = v["changes"]["seen"]["shapes_aesthetic"]
+    assert reward["base"] == pytest.approx(0.95) and reward["final"] == pytest.approx(1.8)
+    assert reward["delta"] == pytest.approx(0.85)
+    assert reward["spread"] == pytest.approx(math.sqrt(0.005))
+    gold = v["changes"]["seen"]["shapes_gold"]
+    assert gold["delta"] == pytest.approx(-0.055)
+    assert gold["spread"] == pytest.approx(0.03 / math.sqrt(2))
+    assert gold["word"] == "down"
+    assert v["changes"]["unseen"]["shapes_gold"]["delta"] == pytest.approx(-0.045)
+    assert v["conclusion"] == "over-optimized on seen and unseen prompts"
+    # TDPO-R: gold 0.45 -> 0.62, 0.46 -> 0.61 on seen prompts (+0.17, +0.15): improved
+    tdpo_r = verdicts[("shapes_aesthetic", "TDPO-R")]["verdict"]
+    assert tdpo_r["changes"]["seen"]["shapes_gold"]["delta"] == pytest.approx(0.16)
+    assert tdpo_r["kind"] == "improved"
+    # the page says it, in this order, with the numbers of the table
+    assert "DDPO-2, 2 seeds (0, 1): trained on shapes_aesthetic" in first
+    assert "<b>over-optimized on seen and unseen prompts</b>" in first
+    assert "+0.850 ± 0.071 ▲" in first and "-0.055 ± 0.021 ▼" in first
+    assert first.index("TDPO-R, 2 seeds") < first.index("DDPO-2, 2 seeds")
+    assert first.index("heldout_0.png") < len(first)  # the held-out curves on the first screen
+    # the training reward of the pickscore run was never evaluated on held-out prompts
+    pick = verdicts[("shapes_pickscore", "DDPO-100")]["verdict"]
+    assert pick["kind"] == "no-eval" and "shapes_pickscore" in pick["conclusion"]
+    # the critic section says what explained variance is; captions say "over seeds" here
+    assert "1 − Var(G − V) / Var(G)" in details
+    assert "standard deviation over seeds" in html
+    md = (report / "summary.md").read_text()
+    assert "### DDPO-2, 2 seeds (0, 1), trained on shapes_aesthetic\n\n**over-optimized on" in md
+    assert "| shapes_gold | 0.455 | 0.400 | -0.055 ± 0.021 ▼ | 0.405 | 0.360 |" in md
+
+
+def test_single_run_page_has_no_multi_seed_rows_and_shows_samples_before_and_after(tmp_path):
+    runs = make_fake_runs(tmp_path)
+    run = next(r for r in runs if r.name == "tdpo-s0")
+    assert main(["report", str(run)]) == 0
+    html = (run / "report" / "index.html").read_text()
+    first, _ = html.split("<h2>Details</h2>")
+    assert "runs (seeds)" not in html and "reached 1/1" not in html
+    assert "reward queries to" not in html and "at training reward" not in html
+    assert "over seeds" not in html and "mean of 1" not in html
+    assert "TDPO, run tdpo-s0, seed 0: trained on shapes_aesthetic" in first
+    # before / after on the same prompts and noise, side by side, on the first screen
+    pairs = re.findall(r"<div class='pair'>(.*?)</div>", first)
+    assert len(pairs) == 2  # seen and unseen
+    assert "eval_seen_epoch_0000.png" in pairs[0] and "eval_seen_epoch_0006.png" in pairs[0]
+    assert "before: the base model (epoch 0)" in pairs[0] and "after: epoch 6" in pairs[0]
+    for name in ("eval_seen_epoch_0000.png", "eval_unseen_epoch_0006.png"):
+        assert (run / "report" / "samples" / "tdpo-s0" / name).is_file()
 
 
 def test_single_run_defaults_to_its_report_folder_and_ddpo_has_no_critic_plot(tmp_path):
