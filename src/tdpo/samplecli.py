@@ -65,6 +65,10 @@ def check_lora_folder(path: str) -> None:
     """A folder holding a LoRA in diffusers format (a run's final/ or best/), checked before the
     pipeline loads."""
     lora = Path(path)
+    if lora.is_file():
+        raise UsageError(
+            "--lora", path, f"is a file; give the folder that holds {LORA_FILE} (a run's final/)"
+        )
     if not lora.is_dir():
         raise UsageError("--lora", path, "no such folder; give a run's final/ folder")
     if lora.name == "checkpoints" or lora.parent.name == "checkpoints":

@@ -464,6 +464,11 @@ CASES_5 = [
         ["--guidance", "inf"],
     ),
     (
+        "sample-lora-a-file",
+        lambda w, o: w.sampler("sample", "--lora", str(w.file), "--out", str(o / "s")),
+        ["--lora", "is a file", "pytorch_lora_weights.safetensors"],
+    ),
+    (
         "sample-lora-pickle",  # a pickle is never loaded (no torch warning before the line)
         lambda w, o: w.sampler("sample", "--lora", str(w.pickle_lora), "--out", str(o / "s")),
         ["--lora", "pytorch_lora_weights.safetensors"],
