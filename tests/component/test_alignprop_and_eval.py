@@ -58,6 +58,16 @@ def test_alignprop_refuses_a_non_differentiable_reward(make_trainer):
         tr.epoch_step(0)
 
 
+def test_alignprop_refuses_a_reward_that_breaks_the_protocol(make_trainer):
+    """A bare tensor instead of (rewards, info): with a batch of 2 it would unpack silently."""
+    from tdpo.errors import UsageError
+
+    tr = make_trainer("alignprop", **{"sample.samples_per_epoch": 4, "sample.batch_size": 2})
+    tr.reward_fn = lambda images, prompts, meta: images.mean(dim=(1, 2, 3))
+    with pytest.raises(UsageError, match="return a pair"):
+        tr.epoch_step(0)
+
+
 def test_evaluation_is_reproducible_and_keyed_by_set(make_trainer, tmp_path):
     tr = make_trainer(
         **{

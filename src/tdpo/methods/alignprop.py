@@ -15,7 +15,7 @@ import torch
 from tdpo.algos.ddim import ddim_step_logprob
 from tdpo.errors import UsageError
 from tdpo.methods.base import Method, optimizer_step, unwrap_optimizer
-from tdpo.sampling import check_reward_output, derive_seed, sample_noise
+from tdpo.sampling import check_reward_result, derive_seed, sample_noise
 
 
 def sample_with_grad(
@@ -110,15 +110,16 @@ class AlignProp(Method):
                     images = sample_with_grad(
                         tr.policy, tr.unet, prompts, noise, cfg.train.alignprop_steps
                     )
-                    raw, _ = tr.reward_fn(images, prompts, [{} for _ in prompts])
-                    if not isinstance(raw, torch.Tensor) or not raw.requires_grad:
+                    result = tr.reward_fn(images, prompts, [{} for _ in prompts])
+                    check_reward_result(cfg.reward.name, result, len(prompts))  # (rewards, info)
+                    raw = result[0]
+                    if not raw.requires_grad:
                         raise UsageError(
                             "reward.name",
                             cfg.reward.name,
                             "AlignProp needs a reward "
                             "differentiable in the images; choose another reward or method",
                         )
-                    check_reward_output(cfg.reward.name, raw, len(prompts))
                     loss = -raw.float().mean()
                     acc.backward(loss / sch.accumulation)
                 if is_update:
