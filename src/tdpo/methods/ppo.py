@@ -316,16 +316,7 @@ class PolicyGradient(Method):
                     sync.enter_context(acc.no_sync(critic))
             with sync, acc.autocast():
                 t = batch.timesteps[rows, k]
-                log_prob = tr.policy.step_log_prob(
-                    unet,
-                    batch.latents[rows, k],
-                    batch.latents[rows, k + 1],
-                    t,
-                    batch.prompt_embeds[rows],
-                    batch.negative_embeds[rows] if use_cfg else None,
-                    _rows(batch.pooled_embeds, rows),
-                    _rows(batch.negative_pooled, rows) if use_cfg else None,
-                )
+                log_prob = self.step_log_prob(unet, batch, rows, k, use_cfg)
                 # L_pi = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi_theta / pi_old
                 policy_loss, info = ppo_clip_loss(
                     log_prob,
@@ -346,7 +337,7 @@ class PolicyGradient(Method):
                     loss = loss + cfg.critic.value_coef * value_loss
                     _add(sums, "critic_loss", value_loss.detach())
                 if cfg.kl.loss_coef > 0:  # beta * KL(pi_theta || pi_base) on this step (GRPO)
-                    kl = self.kl_to_base(unet, batch, rows, k, t, use_cfg, log_prob)
+                    kl = self.kl_to_base(unet, batch, rows, k, use_cfg, log_prob)
                     loss = loss + cfg.kl.loss_coef * kl
                     _add(sums, "kl_loss", kl.detach())
                 if loss.requires_grad:  # all-deterministic steps (sigma=0) carry no gradient
@@ -369,21 +360,25 @@ class PolicyGradient(Method):
         values = acc.reduce(values, reduction="mean")
         return dict(zip(keys, values.tolist()))
 
-    def kl_to_base(self, unet, batch: EpochBatch, rows, k, t, use_cfg: bool, log_prob):
+    def step_log_prob(self, unet, batch: EpochBatch, rows, k, use_cfg: bool) -> torch.Tensor:
+        """log pi(x_{k+1} | x_k) of the stored steps ``k`` of samples ``rows`` under ``unet``."""
+        return self.trainer.policy.step_log_prob(
+            unet,
+            batch.latents[rows, k],
+            batch.latents[rows, k + 1],
+            batch.timesteps[rows, k],
+            batch.prompt_embeds[rows],
+            batch.negative_embeds[rows] if use_cfg else None,
+            _rows(batch.pooled_embeds, rows),
+            _rows(batch.negative_pooled, rows) if use_cfg else None,
+        )
+
+    def kl_to_base(self, unet, batch: EpochBatch, rows, k, use_cfg: bool, log_prob):
         """``mean(estimator(log pi_theta - log pi_base))`` on the minibatch's stored steps, the
         base model (LoRA disabled) re-evaluated without gradient."""
         tr = self.trainer
         with torch.no_grad(), tr.policy.reference_mode(unet) as base:
-            base_log_prob = tr.policy.step_log_prob(
-                base,
-                batch.latents[rows, k],
-                batch.latents[rows, k + 1],
-                t,
-                batch.prompt_embeds[rows],
-                batch.negative_embeds[rows] if use_cfg else None,
-                _rows(batch.pooled_embeds, rows),
-                _rows(batch.negative_pooled, rows) if use_cfg else None,
-            )
+            base_log_prob = self.step_log_prob(base, batch, rows, k, use_cfg)
         return kl_estimate(log_prob, base_log_prob, tr.config.kl.estimator).mean()
 
     def dump(self, epoch, rewards, all_rewards, normalized_all, advantages, prompts) -> None:
