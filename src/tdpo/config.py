@@ -37,8 +37,8 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     pretrained: str = _f(
         "shapes-world",
-        "Stable Diffusion 1.x/2.x or SDXL pipeline: a Hub id or a folder saved with save_pretrained "
-        "(shapes-world = the embedded shapes world).",
+        "Stable Diffusion 1.x/2.x, SDXL or Stable Diffusion 3 pipeline: a Hub id or a folder saved "
+        "with save_pretrained (shapes-world = the embedded shapes world).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pipeline.")
     finetune: Literal["lora", "full"] = _f(
@@ -55,6 +55,12 @@ class ModelConfig:
 class SampleConfig:
     num_steps: int = _f(20, "DDIM sampling steps T (the paper: 50).")
     eta: float = _f(1.0, "DDIM eta (> 0: each step is a Gaussian policy step).")
+    noise_level: float = _f(
+        0.7,
+        "Flow-matching models (Stable Diffusion 3): the SDE noise level a, sigma_t = "
+        "a * sqrt(t / (1 - t)) (Flow-GRPO's SDE and default 0.7; docs/algorithm.md); DDIM "
+        "models use sample.eta instead.",
+    )
     guidance_scale: float = _f(
         4.0, "Classifier-free guidance w (1.0 disables guidance; the paper: 5)."
     )
@@ -537,6 +543,7 @@ ADDED_KEYS = {
     "critic.standardize": False,
     "log.critic_reference": False,
     "kl.loss_coef": 0.0,
+    "sample.noise_level": 0.7,  # flow models only: runs before it were all DDIM
 }
 
 
@@ -720,6 +727,12 @@ def validate(config: Config) -> None:
     _positive("sample.samples_per_epoch", s.samples_per_epoch, "must be >= 1")
     if s.eta > 1:
         raise UsageError("sample.eta", s.eta, "must be in (0, 1] (1 = the DDPM variance)")
+    if not 0 < s.noise_level <= 1:
+        raise UsageError(
+            "sample.noise_level",
+            s.noise_level,
+            "must be in (0, 1] (Flow-GRPO uses 0.7; 0 is the deterministic ODE, no policy)",
+        )
     if s.prompts_per_epoch < 0:
         raise UsageError(
             "sample.prompts_per_epoch", s.prompts_per_epoch, "must be >= 0 (0 = independent draws)"
