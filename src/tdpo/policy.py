@@ -8,13 +8,13 @@ than subclassing the pipeline (its ``__call__`` hides the latents and log-probs)
 Stable Diffusion 1.x/2.x (one CLIP text encoder) and SDXL (two text encoders; the UNet also takes
 the pooled text embedding and the size/crop "time ids" as added conditions) are supported; the
 added conditions ride along in :class:`Trajectory` as ``pooled_embeds`` / ``negative_pooled``.
+Stable Diffusion 3 (a flow-matching transformer) has its own policy with the same interface,
+:class:`tdpo.flow.FlowPolicy`; :meth:`DiffusionPolicy.from_config` picks the class from the
+pipeline's ``model_index.json`` (:func:`make_policy`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,56 +24,19 @@ from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
 from tdpo.paths import check_pipeline_path, looks_like_path, resolve_alias
+from tdpo.policy_base import (  # noqa: F401  (re-exported: the project imports them from here)
+    FLOW_PIPELINES,
+    PolicyBase,
+    Trajectory,
+    tokenize,
+    unwrap,
+)
 
-
-@dataclass
-class Trajectory:
-    """A batch of sampled denoising trajectories (B samples, T steps).
-
-    ``latents[:, k]`` is the state x before step k (k=0 is pure noise x_T) and ``latents[:, k+1]``
-    the state after it; ``log_probs[:, k]`` is log pi_old(latents[:, k+1] | latents[:, k]).
-    """
-
-    latents: torch.Tensor  # [B, T+1, C, h, w]
-    log_probs: torch.Tensor  # [B, T]
-    timesteps: torch.Tensor  # [B, T] scheduler timesteps t_k
-    prompt_embeds: torch.Tensor  # [B, L, D]
-    negative_embeds: torch.Tensor | None  # [B, L, D] unconditional embeddings (CFG) or None
-    images: torch.Tensor  # [B, 3, H, W] in [0, 1], decoded x_0
-    prompts: list[str]
-    ref_log_probs: torch.Tensor | None = None  # [B, T] under the frozen base model (KL penalty)
-    pooled_embeds: torch.Tensor | None = None  # [B, P] SDXL's pooled text embedding (else None)
-    negative_pooled: torch.Tensor | None = None  # [B, P] its unconditional counterpart (CFG)
-    x0_preds: torch.Tensor | None = None  # [B, T, C, h, w] the denoiser's x_0 estimate at step k
-
-    @property
-    def num_steps(self) -> int:
-        return self.log_probs.shape[1]
-
-    def to(self, device: torch.device | str) -> Trajectory:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return Trajectory(**moved)
-
-    @staticmethod
-    def cat(items: list[Trajectory]) -> Trajectory:
-        out = {}
-        for f in fields(Trajectory):
-            values = [getattr(item, f.name) for item in items]
-            if f.name == "prompts":
-                out[f.name] = [p for v in values for p in v]
-            elif values[0] is None:
-                out[f.name] = None
-            else:
-                out[f.name] = torch.cat(values)
-        return Trajectory(**out)
-
-
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
+)
 
 
 def _load_error(spec: str, exc: Exception) -> UsageError:
@@ -106,25 +69,17 @@ def pipeline_class(spec: str, revision: str | None = None) -> str:
         raise UsageError(
             "model.pretrained",
             spec,
-            f"is a {class_name}; tdpo fine-tunes {' and '.join(SUPPORTED_PIPELINES)} pipelines",
+            f"is a {class_name}; tdpo fine-tunes {', '.join(SUPPORTED_PIPELINES[:-1])} and "
+            f"{SUPPORTED_PIPELINES[-1]} pipelines",
         )
     return class_name
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Prompt token ids padded/truncated to the tokenizer's length, as the pipelines do."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """``from_pretrained`` of a Stable Diffusion 1.x/2.x or SDXL pipeline (Hub id or folder),
-    with a DDIM scheduler. The class comes from the pipeline's ``model_index.json``."""
+    with a DDIM scheduler, or of a Stable Diffusion 3 pipeline with its flow-matching Euler
+    scheduler (T5 may be absent: saved as ``text_encoder_3=None``). The class comes from the
+    pipeline's ``model_index.json``."""
     import diffusers
     from diffusers import DDIMScheduler
 
@@ -132,6 +87,13 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     extra = {}
     if class_name == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    if class_name in FLOW_PIPELINES:
+        from tdpo.flow import load_flow_pipeline  # deferred: only for flow models
+
+        try:
+            return load_flow_pipeline(_location(spec), revision, dtype)
+        except (OSError, ValueError) as exc:
+            raise _load_error(spec, exc) from None
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(
             _location(spec), revision=revision, torch_dtype=dtype, **extra
@@ -143,7 +105,17 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     return pipe
 
 
-class DiffusionPolicy(nn.Module):
+def make_policy(pipe, model_cfg: ModelConfig, sample_cfg: SampleConfig) -> PolicyBase:
+    """The policy of a loaded pipeline: :class:`tdpo.flow.FlowPolicy` for flow-matching
+    pipelines (Stable Diffusion 3), :class:`DiffusionPolicy` (DDIM) for the others."""
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        from tdpo.flow import FlowPolicy  # deferred: only for flow models
+
+        return FlowPolicy(pipe, model_cfg, sample_cfg)
+    return DiffusionPolicy(pipe, model_cfg, sample_cfg)
+
+
+class DiffusionPolicy(PolicyBase):
     """Frozen VAE and text encoder(s), a UNet with trainable LoRA (or fully trainable), DDIM."""
 
     def __init__(self, pipe, model_cfg: ModelConfig, sample_cfg: SampleConfig):
@@ -172,46 +144,18 @@ class DiffusionPolicy(nn.Module):
         if getattr(self.vae.config, "force_upcast", False) and self.vae.dtype == torch.float16:
             self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as the pipeline knows
         self.add_time_ids = self._add_time_ids() if self.is_sdxl else None
-        self.reference_unet: nn.Module | None = None
-        if model_cfg.finetune == "lora":
-            from peft import LoraConfig
-
-            self.unet.requires_grad_(False)
-            lora = LoraConfig(
-                r=model_cfg.lora_rank,
-                lora_alpha=model_cfg.lora_alpha,
-                init_lora_weights="gaussian",  # B = 0: the adapted model starts as the base model
-                target_modules=list(model_cfg.lora_targets),
-            )
-            try:
-                self.unet.add_adapter(lora)
-            except ValueError as exc:
-                raise UsageError(
-                    "model.lora_targets",
-                    model_cfg.lora_targets,
-                    f"no such UNet modules ({exc}); e.g. to_q,to_k,to_v,to_out.0",
-                ) from None
-            for p in self.unet.parameters():
-                if p.requires_grad:
-                    p.data = (
-                        p.data.float()
-                    )  # trainable LoRA weights stay fp32 under mixed precision
-        else:
-            self.unet.requires_grad_(True)
+        self._setup_finetune("UNet")
         self._neg_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_config(
         cls, model_cfg: ModelConfig, sample_cfg: SampleConfig, dtype: torch.dtype = torch.float32
-    ) -> DiffusionPolicy:
+    ) -> PolicyBase:
+        """Load ``model_cfg.pretrained`` and wrap it in the policy of its pipeline class."""
         pipe = load_pipeline(model_cfg.pretrained, model_cfg.revision, dtype)
-        return cls(pipe, model_cfg, sample_cfg)
+        return make_policy(pipe, model_cfg, sample_cfg)
 
     # -- properties ---------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
 
     @property
     def image_size(self) -> int:
@@ -225,8 +169,9 @@ class DiffusionPolicy(nn.Module):
         return (self.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
 
     @property
-    def use_cfg(self) -> bool:
-        return self.sample_cfg.guidance_scale > 1.0
+    def text_feature_dim(self) -> int:
+        """Width of the prompt embeddings (the critic's prompt features)."""
+        return self.unet.config.cross_attention_dim
 
     @property
     def is_sdxl(self) -> bool:
@@ -252,27 +197,6 @@ class DiffusionPolicy(nn.Module):
                 f"time ids give {got}; an SDXL refiner or an inconsistent pipeline?",
             )
         return ids
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def enable_kl_reference(self) -> None:
-        """Keep a frozen copy of the base UNet for the KL penalty (LoRA uses disabled adapters)."""
-        if self.model_cfg.finetune == "full" and self.reference_unet is None:
-            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-
-    @contextlib.contextmanager
-    def reference_mode(self, unet: nn.Module):
-        """The frozen base model: LoRA adapters disabled (or the stored full copy)."""
-        if self.model_cfg.finetune == "lora":
-            base = unwrap(unet)
-            base.disable_adapters()
-            try:
-                yield unet
-            finally:
-                base.enable_adapters()
-        else:
-            yield self.reference_unet
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -427,6 +351,39 @@ class DiffusionPolicy(nn.Module):
             x0_preds=torch.stack(x0_preds, dim=1) if keep_x0 else None,
         )
 
+    def sample_with_grad(
+        self, unet: nn.Module, prompts: list[str], noise: torch.Tensor, grad_steps: int
+    ) -> torch.Tensor:
+        """DDIM sampling (same noise layout as :meth:`sample`) whose last ``grad_steps`` steps keep
+        the graph, for AlignProp; returns images in [0, 1]."""
+        cfg = self.sample_cfg
+        self.scheduler.set_timesteps(cfg.num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        prompt_embeds, pooled = self.encode_prompts(prompts)
+        negative, negative_pooled = (
+            self.negative_embeds(len(prompts)) if self.use_cfg else (None, None)
+        )
+        noise = noise.to(self.device, torch.float32)
+        latents = noise[:, 0] * self.scheduler.init_noise_sigma
+        first_grad = len(timesteps) - grad_steps
+        for k, t in enumerate(timesteps):
+            with torch.set_grad_enabled(k >= first_grad):
+                pred = self.predict_noise(
+                    unet,
+                    latents,
+                    t,
+                    prompt_embeds,
+                    negative,
+                    cfg.guidance_scale,
+                    pooled,
+                    negative_pooled,
+                )
+                step = ddim_step_logprob(
+                    self.scheduler, pred, t, latents, cfg.eta, prev_sample=latents.detach()
+                )
+                latents = step.mean + step.std * noise[:, k + 1]  # differentiable in mu_theta
+        return self.decode(latents)
+
     def step_log_prob(
         self,
         unet: nn.Module,
@@ -483,10 +440,3 @@ class DiffusionPolicy(nn.Module):
             )
         else:
             unet.save_pretrained(directory / "unet", safe_serialization=True)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside DDP / accelerate wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module

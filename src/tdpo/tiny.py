@@ -236,3 +236,69 @@ def build_tiny_clip(directory: str | Path, image_size: int = 16, seed: int = 0) 
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(directory)
     return Path(directory)
+
+
+def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0):
+    """Save a tiny random ``StableDiffusion3Pipeline`` to ``directory``: SD3's structure at toy
+    size, without T5 (``text_encoder_3=None``, as a pipeline saved without it): two CLIP text
+    encoders with projection (16 + 16 wide: their penultimate states are concatenated and
+    zero-padded to the transformer's 32-wide joint attention; pooled 16 + 16 = 32), an
+    ``SD3Transformer2DModel`` (2 joint blocks, 8x8x16 latents in 2x2 patches), a 16-channel VAE
+    with SD3's scaling and shift factors (16x16 images) and the flow-matching Euler scheduler
+    with SD3's shift 3."""
+    # deferred: diffusers and transformers take seconds to import
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    width, projection = 16, 16
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=2 * width,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * projection,
+        out_channels=16,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    tokenizer = write_word_tokenizer(Path(directory) / "_tok", TINY_WORDS)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer, width, projection_dim=projection)
+        ),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer, width, projection_dim=projection)
+        ),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    return _save(pipe, directory)

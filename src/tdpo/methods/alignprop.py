@@ -1,7 +1,7 @@
 """AlignProp (Prabhudesai et al., 2023): backpropagate a differentiable reward through the last K
 sampling steps into the LoRA weights (truncated backpropagation, gradient checkpointing).
 
-Each sampling batch is one forward (DDIM with the same per-sample noise as the RL methods, no
+Each sampling batch is one forward (the policy's sampler with the same per-sample noise as the RL methods, no
 gradient for the first T-K steps), one decode, the reward, and ``loss = -mean(reward)``; the
 optimizer steps every ``schedule.accumulation`` batches.
 """
@@ -12,7 +12,6 @@ import contextlib
 
 import torch
 
-from tdpo.algos.ddim import ddim_step_logprob
 from tdpo.errors import UsageError
 from tdpo.methods.base import Method, optimizer_step, unwrap_optimizer
 from tdpo.sampling import check_reward_result, derive_seed, sample_noise
@@ -21,34 +20,9 @@ from tdpo.sampling import check_reward_result, derive_seed, sample_noise
 def sample_with_grad(
     policy, unet, prompts: list[str], noise: torch.Tensor, grad_steps: int
 ) -> torch.Tensor:
-    """DDIM sampling whose last ``grad_steps`` steps keep the graph; returns images in [0, 1]."""
-    cfg = policy.sample_cfg
-    policy.scheduler.set_timesteps(cfg.num_steps, device=policy.device)
-    timesteps = policy.scheduler.timesteps
-    prompt_embeds, pooled = policy.encode_prompts(prompts)
-    negative, negative_pooled = (
-        policy.negative_embeds(len(prompts)) if policy.use_cfg else (None, None)
-    )
-    noise = noise.to(policy.device, torch.float32)
-    latents = noise[:, 0] * policy.scheduler.init_noise_sigma
-    first_grad = len(timesteps) - grad_steps
-    for k, t in enumerate(timesteps):
-        with torch.set_grad_enabled(k >= first_grad):
-            pred = policy.predict_noise(
-                unet,
-                latents,
-                t,
-                prompt_embeds,
-                negative,
-                cfg.guidance_scale,
-                pooled,
-                negative_pooled,
-            )
-            step = ddim_step_logprob(
-                policy.scheduler, pred, t, latents, cfg.eta, prev_sample=latents.detach()
-            )
-            latents = step.mean + step.std * noise[:, k + 1]  # differentiable in mu_theta
-    return policy.decode(latents)
+    """Sampling whose last ``grad_steps`` steps keep the graph; returns images in [0, 1]. The
+    policy's own sampler (DDIM, or the flow SDE for SD3) with the same per-sample noise."""
+    return policy.sample_with_grad(unet, prompts, noise, grad_steps)
 
 
 class AlignProp(Method):
