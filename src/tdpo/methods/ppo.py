@@ -478,8 +478,8 @@ class TDPO(PolicyGradient):
         else:  # the cheap critic: pooled latents and the timestep
             in_dim = latent_feature_dim(unet_cfg.in_channels)
             timestep_input = True
-        if cfg.critic.prompt_input:  # the prompt's text features, [cross_attention_dim]
-            in_dim += unet_cfg.cross_attention_dim
+        if cfg.critic.prompt_input:  # the prompt's text features (UNet or SD3 transformer width)
+            in_dim += trainer.policy.text_feature_dim
         self.keep_x0 = cfg.critic.input == "x0" or cfg.log.critic_reference
         self.critic = CriticHead(
             in_dim,
