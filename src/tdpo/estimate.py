@@ -45,8 +45,33 @@ KNOWN_REWARDS = {
     "imagereward": 446.2,  # BLIP ViT-L + BERT with cross-attention + MLP
     "clipscore": 427.6,  # CLIP ViT-L/14
 }
+# Stable Diffusion 3.5 (StableDiffusion3Pipeline): transformer (with its positional-embedding
+# table), VAE, CLIP-L, CLIP-G, T5-XXL encoder, in millions: counted by building each component
+# from the Hub configs on PyTorch's meta device (no weights; benchmarks/gpu_check.py holds the
+# medium configs). A folder saved without T5 is counted from its files instead.
+SD35_TEXT = (123.7, 694.7, 4762.3)
+KNOWN_PIPELINES.update(
+    {
+        "stabilityai/stable-diffusion-3.5-medium": (2469.7, 83.8, *SD35_TEXT),
+        "stabilityai/stable-diffusion-3.5-large": (8146.3, 83.8, *SD35_TEXT),
+        "stabilityai/stable-diffusion-3.5-large-turbo": (8146.3, 83.8, *SD35_TEXT),
+    }
+)
+# LoRA parameters per unit of rank on to_q, to_k, to_v, to_out.0 of every attention: 8 * width
+# per attention (four width x width projections, r * (in + out) each); SD3.5 medium has 24 joint
+# attentions and 13 dual ones of width 1536, large 38 of width 2432 (flow_lora_per_rank).
+KNOWN_LORA_PER_RANK = {
+    "stabilityai/stable-diffusion-3.5-medium": 8 * 1536 * (24 + 13),
+    "stabilityai/stable-diffusion-3.5-large": 8 * 2432 * 38,
+    "stabilityai/stable-diffusion-3.5-large-turbo": 8 * 2432 * 38,
+}
+SD3_TEXT_TOKENS = (77 + 256, 4096)  # CLIP tokens + T5 tokens (zeros without T5), joint width
+
 SD_LATENT = (4, 64, 64)  # latents of 512x512 images
-KNOWN_LATENTS = {"stabilityai/stable-diffusion-xl-base-1.0": (4, 128, 128)}  # 1024x1024 images
+KNOWN_LATENTS = {
+    "stabilityai/stable-diffusion-xl-base-1.0": (4, 128, 128),  # 1024x1024 images
+    **{name: (16, 128, 128) for name in KNOWN_LORA_PER_RANK},  # SD3.5 at 1024x1024
+}
 
 
 def safetensors_numel(folder: Path) -> int:
@@ -87,18 +112,27 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     """Lines describing the resident memory of a run (weights, optimizer, stored epoch)."""
     lines = []
     weight_bytes = 2 if on_gpu and config.mixed_precision != "fp32" else 4
-    subfolders = ("unet", "vae", "text_encoder", "text_encoder_2")
-    pipe = _millions(config.model.pretrained, KNOWN_PIPELINES, subfolders)
+    spec = config.model.pretrained
+    flow = _flow_config(spec)
+    if flow is not None:  # a Stable Diffusion 3 folder: transformer and up to three encoders
+        subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    else:
+        subfolders = ("unet", "vae", "text_encoder", "text_encoder_2")
+    pipe = _millions(spec, KNOWN_PIPELINES, subfolders)
     if pipe is None:
         lines.append(
-            f"# memory: unknown parameter count for {config.model.pretrained!r} "
+            f"# memory: unknown parameter count for {spec!r} "
             "(not a local folder nor a known Hub id)"
         )
         return lines
     unet_m, vae_m, *text = pipe
+    is_flow = flow is not None or spec in KNOWN_LORA_PER_RANK
     text_m = sum(text)
     frozen_m = unet_m + vae_m + text_m
-    if config.model.finetune == "lora":
+    if config.model.finetune == "lora" and is_flow:
+        per_rank = flow_lora_per_rank(flow) if flow is not None else KNOWN_LORA_PER_RANK[spec]
+        trainable_m = per_rank * config.model.lora_rank / 1e6
+    elif config.model.finetune == "lora":
         # LoRA on attention projections: about 0.8 M parameters per rank-4 on SD 1.x.
         trainable_m = unet_m * 0.00093 * config.model.lora_rank
     else:
@@ -114,18 +148,26 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     mib = 1024**2
     weights = (frozen_m + backbone_m + rewards_m) * 1e6 * weight_bytes / mib
     trainable = (trainable_m + head_m) * 1e6 * 4 * 3 / mib  # weights + 2 AdamW moments, fp32
-    latent = _latent_shape(config.model.pretrained, unet_m)
+    latent = _latent_shape(spec, unet_m)
     latents = samples_per_process * (config.sample.num_steps + 1)
     for d in latent:
         latents *= d
     stored = latents * 4 / mib
+    text_width = 768  # about SD's text width
+    if is_flow:  # SD3's prompt embeddings (and the negative ones with CFG) are stored per sample
+        tokens, text_width = SD3_TEXT_TOKENS
+        if flow is not None:
+            text_width = int(flow.get("joint_attention_dim", text_width))
+        copies = 2 if config.sample.guidance_scale > 1 else 1
+        stored += samples_per_process * copies * tokens * text_width * 4 / mib
     if uses_critic:
         dim = 768 if embeds_images else latent[0] * 64 + 1
-        dim += 768 if config.critic.prompt_input else 0  # about SD's text width
+        dim += text_width if config.critic.prompt_input else 0
         stored += samples_per_process * config.sample.num_steps * dim * 4 / mib
     total = weights + trainable + stored
     lines.append(
-        f"# parameters: UNet {unet_m:.1f} M, VAE {vae_m:.1f} M, text encoder {text_m:.1f} M"
+        f"# parameters: {'transformer' if is_flow else 'UNet'} {unet_m:.1f} M, VAE {vae_m:.1f} M, "
+        f"text encoder {text_m:.1f} M"
         + (f", critic backbone {backbone_m:.1f} M" if backbone_m else "")
         + (f", rewards {rewards_m:.1f} M" if rewards_m else "")
         + f"; trainable {trainable_m + head_m:.2f} M"
@@ -148,10 +190,32 @@ def estimate_memory(config, samples_per_process: int, on_gpu: bool) -> list[str]
     return lines
 
 
+def _flow_config(spec: str) -> dict | None:
+    """A local Stable Diffusion 3 folder's ``transformer/config.json`` (None otherwise)."""
+    path = Path(resolve_alias(spec)).expanduser() / "transformer" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def flow_lora_per_rank(transformer: dict) -> int:
+    """LoRA parameters per unit of rank on to_q, to_k, to_v and to_out.0 of an SD3 transformer
+    (its config.json): every joint block has one attention, the dual-attention blocks a second;
+    each has four width x width projections, r * (width + width) parameters apiece."""
+    width = int(transformer.get("num_attention_heads", 18)) * int(
+        transformer.get("attention_head_dim", 64)
+    )
+    attentions = int(transformer.get("num_layers", 18)) + len(
+        transformer.get("dual_attention_layers") or ()
+    )
+    return 8 * width * attentions
+
+
 def _latent_shape(spec: str, unet_m: float) -> tuple[int, int, int]:
-    """The UNet's latent shape: from a local folder's unet/config.json, else known Hub ids, else
-    Stable Diffusion 1.x's 4x64x64."""
-    config_path = Path(resolve_alias(spec)).expanduser() / "unet" / "config.json"
+    """The denoiser's latent shape: from a local folder's unet/ (or SD3's transformer/)
+    config.json, else known Hub ids, else Stable Diffusion 1.x's 4x64x64."""
+    folder = Path(resolve_alias(spec)).expanduser()
+    config_path = folder / "unet" / "config.json"
+    if not config_path.is_file():
+        config_path = folder / "transformer" / "config.json"
     if config_path.is_file():
         unet = json.loads(config_path.read_text())
         size = unet.get("sample_size", 64)
