@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tdpo",
         description="Fine-tune text-to-image diffusion models against reward models with "
-        "TDPO, TDPO-R, DDPO or AlignProp, and measure over-optimization.",
+        "TDPO, TDPO-R, DDPO, GRPO or AlignProp (tdpo train --preset tdpo | tdpo-r | ddpo-2 | "
+        "ddpo-100 | grpo | alignprop), and measure over-optimization.",
     )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_train_parser(sub)

@@ -61,9 +61,38 @@ def is_main_process() -> bool:
 
 
 def default_run_dir(config: Config, label: str | None = None) -> Path:
-    """``output_dir/run_name``, or ``output_dir/<label>-<timestamp>`` without a run name."""
-    name = config.run_name or f"{label or config.train.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.output_dir).expanduser() / name
+    """``output_dir/run_name``, or without a run name ``output_dir/<name>-<timestamp>``: the
+    method (``tdpo-r``, ``tdpo``, ``ddpo-2``, ``grpo``, ``alignprop``), after the presets'
+    ``label`` when that does not already end with it (``sd14-aesthetic-tdpo-r``)."""
+    if config.run_name:
+        return Path(config.output_dir).expanduser() / config.run_name
+    method = method_slug(config)
+    if not label:
+        name = method
+    elif label == method or label.endswith(f"-{method}") or _ends_with_method_preset(label, config):
+        name = label
+    else:
+        name = f"{label}-{method}"
+    return Path(config.output_dir).expanduser() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _ends_with_method_preset(label: str, config: Config) -> bool:
+    """The presets' label ends with a method preset of the run's algorithm (``ddpo-100``)."""
+    from tdpo.config import ALGORITHM_PRESETS
+
+    return any(
+        (label == name or label.endswith(f"-{name}"))
+        and preset.get("train.algorithm") == config.train.algorithm
+        for name, preset in ALGORITHM_PRESETS.items()
+    )
+
+
+def method_slug(config: Config) -> str:
+    """The run's method as a folder name: TDPO-R -> tdpo-r, DDPO-2 -> ddpo-2."""
+    from tdpo.config import method_label  # deferred: the method registry
+
+    label = method_label(config).split(" (", 1)[0].strip().lower()
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label) or "run"
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:

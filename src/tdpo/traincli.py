@@ -24,7 +24,7 @@ Configuration is layered: defaults <- --preset <- --config FILE.yaml <- --model/
 lists like [a, b]).
 
 Presets (repeatable, applied in order): {presets}
-  tdpo, tdpo-r, ddpo-2, ddpo-100, alignprop choose the method; sd14-aesthetic, sd14-pickscore,
+  tdpo, tdpo-r, ddpo-2, ddpo-100, grpo, alignprop choose the method; sd14-aesthetic, sd14-pickscore,
   sd14-hpsv2 set up the paper's runs on Stable Diffusion 1.4 (TDPO-R unless another method
   preset follows, e.g. --preset sd14-aesthetic --preset ddpo-2).
 
@@ -42,7 +42,7 @@ Every configuration field:
 def add_train_parser(sub) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
-        help="fine-tune a diffusion pipeline (TDPO, TDPO-R, DDPO, AlignProp)",
+        help="fine-tune a diffusion pipeline (TDPO, TDPO-R, DDPO, GRPO, AlignProp)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRAIN_EPILOG.format(presets=", ".join(PRESETS), fields=fields_help()),
     )
