@@ -20,7 +20,15 @@ from typing import Any
 from tdpo.errors import UsageError
 from tdpo.fileio import check_output_file
 from tdpo.rewards import check_reward_name
-from tdpo.samplecli import add_sampler_arguments, check_sampler_arguments, load_lora
+from tdpo.samplecli import (
+    add_sampler_arguments,
+    check_device,  # noqa: F401 - its home was here
+    check_sampler_arguments,
+    default_output,
+    describe,
+    load_sampler_pipeline,
+    setup_runtime,
+)
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
@@ -36,8 +44,11 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument(
         "--reward", action="append", default=[], metavar="NAME", help="a reward (repeatable)"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    parser.add_argument("--out", default="eval.json", metavar="FILE.json", help="JSON summary")
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="JSON summary (default: a new eval/<weights>-<time>.json in the run, else eval.json)",
+    )
     parser.add_argument("--grid", metavar="FILE.png", help="also save a grid of the images")
     return parser
 
@@ -51,38 +62,14 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise UsageError("--reward", None, "name at least one reward, e.g. --reward aesthetic")
     for name in args.reward:
         check_reward_name(name, "--reward")
+    if args.out is None:
+        args.out = str(default_output(args.run, "eval", "eval.json", ".json"))
     if not str(args.out).endswith(".json"):
         raise UsageError("--out", args.out, "name a .json file")
     check_output_file(args.out, "--out")
     if args.grid:
         check_output_file(args.grid, "--grid")
     return prompts, seeds
-
-
-def check_device(text: str | None):
-    """The torch device of ``--device`` (default: cuda if present), checked before loading."""
-    import torch  # deferred: the cheap checks come first
-
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UsageError("--device", text, "not a torch device; e.g. cpu, cuda, cuda:1") from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise UsageError(
-            "--device", text, f"{device.type} is not available here; e.g. --device cpu"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(
-            "--device", text, f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    return device
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -99,17 +86,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # deferred: torch, diffusers and the reward models load only after the arguments check out
     import torch
 
-    from tdpo.policy import load_pipeline
     from tdpo.rewards import build_reward
     from tdpo.sampling import iter_pipeline_images, score_images
 
     prompts, seeds = _check(args)
-    device = check_device(args.device)
+    device, dtype = setup_runtime(args)
+    print(describe(args, device, dtype), flush=True)
     start = time.time()
-    pipe = load_pipeline(args.model)
-    if args.lora:
-        load_lora(pipe, args.lora)
-    pipe.to(device)
+    pipe = load_sampler_pipeline(args, device, dtype)
     rewards = {name: build_reward(name, device, "--reward") for name in args.reward}
     images_all = []
     per_image: list[dict[str, Any]] = []
@@ -135,11 +119,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "model": args.model,
         "lora": args.lora,
+        "run": None if args.run is None else str(args.run.run_dir),
         "prompts": args.prompts,
         "num_prompts": len(prompts),
         "seeds": seeds,
         "sampler": {"steps": args.steps, "guidance": args.guidance, "eta": args.eta},
         "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "cpu_threads": args.cpu_threads,
         "rewards": {},
     }
     for name in rewards:
