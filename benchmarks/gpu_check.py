@@ -16,6 +16,13 @@ folder, then in bf16 on CUDA times:
 conditions, CLIP ViT-L and OpenCLIP bigG text encoders, VAE; 4 images at 1024x1024), without
 the DDPO part.
 
+``--arch sd3`` does it at Stable Diffusion 3.5 medium scale (``SD3Transformer2DModel`` 2.5 B with
+dual attention and RMS q/k norm, CLIP-L and CLIP-G text encoders with projection, the 16-channel
+VAE, flow-matching Euler scheduler with shift 3; T5 left out, as a pipeline saved with
+``text_encoder_3=None``; 4 images at 1024x1024, 28 steps, guidance 4.5): ``FlowPolicy.sample``
+(noise level 0.7) against ``pipe(...)``, then one epoch each of TDPO-R (image and latent critic),
+GRPO, DDPO-2 and AlignProp (a differentiable brightness reward, :func:`brightness`).
+
 Every part is guarded: one failure still reports the others. Results: a table on stdout and
 JSON in ``$OUT/gpu_check.json`` (``./gpu_check.json`` when OUT is unset, or ``--out``).
 ``--tiny`` runs the same code at toy sizes (2 samples, 4 steps) on CPU, for the tests.
@@ -25,6 +32,7 @@ Run from the repository root (it puts ``src`` on ``sys.path``, no install needed
     python benchmarks/gpu_check.py            # GPU, SD 1.5 scale
     python benchmarks/gpu_check.py --tiny     # CPU or GPU, toy scale
     python benchmarks/gpu_check.py --arch sdxl [--tiny]
+    python benchmarks/gpu_check.py --arch sd3 [--tiny]
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+if str(ROOT) not in sys.path:  # the AlignProp part's reward: benchmarks.gpu_check:brightness
+    sys.path.append(str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -130,6 +140,34 @@ SDXL_TEXT_2 = {
     "projection_dim": 1280,
 }
 
+# Stable Diffusion 3.5 medium (stabilityai/stable-diffusion-3.5-medium configs; T5 left out).
+SD35M_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+SD3_VAE = dict(
+    SD15_VAE,
+    latent_channels=16,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD3_TEXT_L = dict(SD15_TEXT, projection_dim=768)
+SD3_TEXT_G = SDXL_TEXT_2
+
 # The same builders at toy sizes (--tiny): every code path of the full run, in seconds on CPU.
 TINY_UNET = dict(
     SD15_UNET,
@@ -163,6 +201,19 @@ TINY_SDXL_UNET = dict(
     norm_num_groups=16,
 )
 TINY_SDXL_TEXT_2 = dict(TINY_TEXT, projection_dim=32, hidden_act="gelu")
+TINY_SD3_TRANSFORMER = dict(
+    SD35M_TRANSFORMER,
+    sample_size=8,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=32,
+    pooled_projection_dim=64,
+    pos_embed_max_size=16,
+    dual_attention_layers=(0,),
+)
+TINY_SD3_TEXT = dict(TINY_TEXT, projection_dim=32)
 TINY_VISION = dict(
     VIT_L14_VISION,
     hidden_size=32,
@@ -175,8 +226,66 @@ TINY_VISION = dict(
 )
 
 
-def build_models(directory: Path, tiny: bool, device: str, sdxl: bool = False) -> tuple[Path, Path]:
-    """Save a random SD 1.5- (or SDXL-) architecture pipeline and a ViT-L/14 CLIP vision tower."""
+def brightness(device=None):
+    """A differentiable reward for the AlignProp part (``benchmarks.gpu_check:brightness``, a reward
+    factory): the mean pixel value."""
+
+    def reward(images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3)), {}
+
+    return reward
+
+
+def build_sd3_pipeline(directory: Path, tiny: bool, device: str, save_dtype) -> Path:
+    """Save a random Stable Diffusion 3.5 medium-architecture pipeline without T5."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from tdpo.tiny import TINY_WORDS, write_word_tokenizer
+
+    tokenizer = write_word_tokenizer(directory / "tok3", list(TINY_WORDS), max_length=77)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**(TINY_SD3_TRANSFORMER if tiny else SD35M_TRANSFORMER))
+        tiny_vae = dict(TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+        vae = AutoencoderKL(**(tiny_vae if tiny else SD3_VAE))
+        text_l = CLIPTextModelWithProjection(
+            CLIPTextConfig(**ids, **(TINY_SD3_TEXT if tiny else SD3_TEXT_L))
+        )
+        text_g = CLIPTextModelWithProjection(
+            CLIPTextConfig(**ids, **(TINY_SD3_TEXT if tiny else SD3_TEXT_G))
+        )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_l,
+        tokenizer=tokenizer,
+        text_encoder_2=text_g,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.to(dtype=save_dtype)
+    pipe_dir = directory / "sd35m-random"
+    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    return pipe_dir
+
+
+def build_models(
+    directory: Path, tiny: bool, device: str, sdxl: bool = False, sd3: bool = False
+) -> tuple[Path, Path]:
+    """Save a random SD 1.5- (SDXL-, SD3.5 medium-) architecture pipeline and a ViT-L/14 CLIP
+    vision tower."""
     from diffusers import (
         AutoencoderKL,
         UNet2DConditionModel,
@@ -200,6 +309,8 @@ def build_models(directory: Path, tiny: bool, device: str, sdxl: bool = False) -
     if sdxl:
         unet_cfg = TINY_SDXL_UNET if tiny else SDXL_UNET
         vae_cfg = dict(vae_cfg, scaling_factor=0.13025, force_upcast=True)
+    if sd3:  # only the vision tower of this function is kept: build the SD parts at toy size
+        unet_cfg, vae_cfg, text_cfg = TINY_UNET, TINY_VAE, TINY_TEXT
     torch.manual_seed(0)
     pipe_dir, clip_dir = directory / "sd15-random", directory / "clip-l14-random"
     # Initialize on the device (random init of 1.3 G parameters is slow on the CPU), save bf16.
@@ -227,7 +338,10 @@ def build_models(directory: Path, tiny: bool, device: str, sdxl: bool = False) -
                     **(TINY_SDXL_TEXT_2 if tiny else SDXL_TEXT_2),
                 )
             )
-    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+    if sd3:
+        del unet, vae, text_encoder
+        pipe_dir = build_sd3_pipeline(directory, tiny, device, save_dtype)
+    pipe = None if sd3 else assemble_pipeline(unet, vae, text_encoder, tokenizer)
     if sdxl:
         from diffusers import StableDiffusionXLPipeline
 
@@ -241,14 +355,15 @@ def build_models(directory: Path, tiny: bool, device: str, sdxl: bool = False) -
             scheduler=pipe.scheduler,
             add_watermarker=False,
         )
-    pipe.to(dtype=save_dtype)
-    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    if pipe is not None:
+        pipe.to(dtype=save_dtype)
+        pipe.save_pretrained(pipe_dir, safe_serialization=True)
     vision.to(dtype=save_dtype).save_pretrained(clip_dir, safe_serialization=True)
     size = vision_cfg["image_size"]
     CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     ).save_pretrained(clip_dir)
-    del pipe, unet, vae, text_encoder, text_encoder_2, vision
+    del pipe, text_encoder_2, vision
     return pipe_dir, clip_dir
 
 
@@ -318,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds in part 2")
     parser.add_argument("--train-batch", type=int, help="training minibatch (2; 1 with --tiny)")
     parser.add_argument("--embed-batch", type=int, default=16, help="critic decode batch (16)")
-    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="architecture")
+    parser.add_argument(
+        "--arch", choices=("sd15", "sdxl", "sd3"), default="sd15", help="architecture"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -335,13 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     mixed = "bf16" if cuda else "fp32"
     sdxl = args.arch == "sdxl"
+    sd3 = args.arch == "sd3"
     if args.tiny:
         samples, steps, size_note = 2, 4, f"toy configs ({args.arch})"
     elif sdxl:
         samples, steps, size_note = 4, 50, "SDXL base architecture, random weights, 1024x1024"
+    elif sd3:
+        samples, steps = 4, 28
+        size_note = "SD3.5 medium architecture (sd3, no T5), random weights, 1024x1024"
     else:
         samples, steps, size_note = 8, 50, "SD 1.5 architecture, random weights, 512x512"
-    guidance, eta = 5.0, 1.0
+    guidance, eta = (4.5, 0.7) if sd3 else (5.0, 1.0)  # eta: the SDE noise level for sd3
     out_path = Path(args.out or Path(os.environ.get("OUT") or ".") / "gpu_check.json")
     results: dict = {
         "settings": {
@@ -373,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     state: dict = {}
 
     def part_build():
-        seconds, (pipe_dir, clip_dir) = timed(lambda: build_models(tmp, args.tiny, device, sdxl))
+        seconds, (pipe_dir, clip_dir) = timed(
+            lambda: build_models(tmp, args.tiny, device, sdxl, sd3)
+        )
         state["pipe_dir"], state["clip_dir"] = pipe_dir, clip_dir
         return {"seconds": seconds}
 
@@ -382,21 +505,22 @@ def main(argv: list[str] | None = None) -> int:
         return finish(results, out_path, 1)
 
     from tdpo.config import ModelConfig, SampleConfig
-    from tdpo.policy import DiffusionPolicy, load_pipeline
+    from tdpo.policy import load_pipeline, make_policy
     from tdpo.sampling import sample_noise
 
     def autocast():
         return torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
 
     def call_pipe(pipe, num_steps=steps):
+        sampler = {} if sd3 else {"eta": eta}  # SD3's pipeline samples the ODE
         with autocast():
             return pipe(
                 prompt=prompts,
                 num_inference_steps=num_steps,
                 guidance_scale=guidance,
-                eta=eta,
                 generator=torch.Generator().manual_seed(0),
                 output_type="pt",
+                **sampler,
             )
 
     def part_pipe():
@@ -411,10 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe = state.pop("pipe", None) or load_pipeline(str(state["pipe_dir"]), dtype=dtype).to(
             device
         )
+        sampler = {"noise_level": eta} if sd3 else {"eta": eta}
         sample_cfg = SampleConfig(
-            num_steps=steps, eta=eta, guidance_scale=guidance, batch_size=samples
+            num_steps=steps, guidance_scale=guidance, batch_size=samples, **sampler
         )
-        policy = DiffusionPolicy(pipe, ModelConfig(pretrained=str(state["pipe_dir"])), sample_cfg)
+        policy = make_policy(pipe, ModelConfig(pretrained=str(state["pipe_dir"])), sample_cfg)
         policy.to(device)
         noise = sample_noise(list(range(samples)), policy.noise_shape).to(device)
 
@@ -436,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             "target": 1.05,
         }
 
-    def part_epoch(method: str, critic_input: str | None):
+    def part_epoch(method: str, critic_input: str | None, **extra):
         def run():
             from tdpo.config import build_config
             from tdpo.trainers.loop import Trainer
@@ -449,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mixed_precision": mixed,
                 "sample.num_steps": steps,
                 "sample.guidance_scale": guidance,
-                "sample.eta": eta,
+                ("sample.noise_level" if sd3 else "sample.eta"): eta,
                 "sample.batch_size": samples,
                 "sample.samples_per_epoch": samples,
                 "train.batch_size": min(args.train_batch, samples),
@@ -469,18 +594,21 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["sample.prompts_per_epoch"] = 0
             if critic_input:
                 overrides["critic.input"] = critic_input
+            overrides.update(extra)
             config = build_config(method, None, overrides)
             trainer = Trainer(config, tmp / f"run-{method}-{critic_input}", log=lambda _m: None)
             reset_peak()
             seconds, metrics = timed(lambda: trainer.epoch_step(0))
             out = {
                 "seconds": seconds,
-                "seconds_sample": metrics["seconds_sample"],
-                "seconds_value": metrics["seconds_value"],
-                "seconds_train": metrics["seconds_train"],
                 "updates": trainer.schedule.updates_per_epoch,
                 "passes": trainer.schedule.minibatches * steps,
             }
+            for key in ("seconds_sample", "seconds_value", "seconds_train"):
+                if key in metrics:  # AlignProp's epoch is one timed piece
+                    out[key] = metrics[key]
+            if method == "alignprop":
+                out["passes"] = trainer.schedule.sample_batches
             return out
 
         return run
@@ -490,7 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     state.pop("pipe", None)
     run_part(results, "3_tdpo_r_image_epoch", part_epoch("tdpo-r", "image"), deadline)
     run_part(results, "4_tdpo_r_latent_epoch", part_epoch("tdpo-r", "latent"), deadline)
-    if not sdxl:
+    if sd3:
+        groups = {"sample.prompts_per_epoch": max(1, samples // 2)}  # GRPO: groups of 2
+        run_part(results, "5_grpo_epoch", part_epoch("grpo", None, **groups), deadline)
+        run_part(results, "6_ddpo2_epoch", part_epoch("ddpo-2", None), deadline)
+        reward = {"reward.name": "benchmarks.gpu_check:brightness", "train.alignprop_steps": 1}
+        run_part(results, "7_alignprop_epoch", part_epoch("alignprop", None, **reward), deadline)
+    elif not sdxl:
         run_part(results, "5_ddpo100_epoch", part_epoch("ddpo-100", None), deadline)
     results["wall_s"] = time.monotonic() - start
     failed = any("error" in v for v in results.values() if isinstance(v, dict))
@@ -509,7 +643,9 @@ def format_table(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"gpu_check: {s['what']} on {s['device']} ({s['dtype']}), {s['samples']} samples, "
-        f"{s['steps']} steps, guidance {s['guidance']}, eta {s['eta']}",
+        f"{s['steps']} steps, guidance {s['guidance']}, "
+        + ("noise level" if "(sd3" in s["what"] else "eta")
+        + f" {s['eta']}",
         f"{'part':<26} {'seconds':>8} {'sample':>7} {'value':>7} {'train':>7} {'peak GiB':>9}  note",
     ]
     for name, r in results.items():
