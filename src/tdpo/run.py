@@ -44,6 +44,7 @@ from tdpo.rundir import (
     FINAL_DIR,
     LOCK_FILE,
     METRICS_FILE,
+    REPORT_DIR,
     RunLock,
     check_new_run_dir,
     check_not_locked,
@@ -211,8 +212,30 @@ def train(
                 with contextlib.suppress(OSError):
                     run_dir.rmdir()
     if trainer.is_main and code == 0:
+        if resume:
+            refresh_report(run_dir, log)
         log(f"done: {run_dir} (LoRA in {run_dir / FINAL_DIR}, metrics in {run_dir / METRICS_FILE})")
     return code
+
+
+def refresh_report(run_dir: Path, log: Callable[[str], None] = log_line) -> None:
+    """After a resume: rewrite the run's report (``RUN/report``, if ``tdpo report`` wrote one)
+    so that it shows the new epochs; if it cannot, say how to."""
+    report = run_dir / REPORT_DIR
+    if not (report / "index.html").is_file():
+        return
+    from tdpo.report import build_report  # deferred: matplotlib
+
+    try:
+        build_report([run_dir], report, log=lambda _line: None)
+    except (UsageError, OSError, ValueError) as error:
+        first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        log(
+            f"the report in {report} predates this resume and could not be refreshed ({first}); "
+            f"refresh it with: tdpo report {run_dir}"
+        )
+        return
+    log(f"report refreshed with the resumed epochs: {report / 'index.html'}")
 
 
 def _started(run_dir: Path) -> bool:

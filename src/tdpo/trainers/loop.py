@@ -413,6 +413,12 @@ class Trainer:
         else:
             self.evals_since_best += 1
 
+    def _evaluates_after(self, epoch: int) -> bool:
+        """The held-out evaluation runs after every ``eval.every``-th epoch and after the last
+        one (so a run, also one resumed to more epochs, always ends evaluated)."""
+        every = self.config.eval.every
+        return bool(every) and (epoch % every == 0 or epoch == self.config.train.epochs)
+
     def _should_stop_early(self) -> bool:
         patience = self.config.eval.patience
         return bool(patience and self.config.eval.monitor and self.evals_since_best >= patience)
@@ -447,7 +453,7 @@ class Trainer:
                 self._mid_epoch = False
                 if self.is_main:
                     self.log(self._summary(metrics))
-                if cfg.eval.every and self.epoch % cfg.eval.every == 0:
+                if self._evaluates_after(self.epoch):
                     held_out = self.evaluate()
                     metrics.update(held_out)
                     self._log_eval(held_out)
