@@ -124,21 +124,22 @@ def paper_shapes_spec() -> dict[str, Any]:
 
 def mechanism_spec() -> dict[str, Any]:
     """Issue 11's experiment: does the temporal critic, and resetting its active neurons, change
-    what fine-tuning does? {DDPO-2, DDPO-40, TDPO, TDPO-R, AlignProp, GRPO}, the reset ablation
-    (TDPO-R resetting dormant or all neurons; TDPO = never) and TDPO-R with the paper's critic,
-    5 seeds each on ``shapes_aesthetic``, 16 epochs (1,024 queries), held-out evaluation every 4.
-    DDPO keeps its usual per-prompt normalization (its presets); the TDPO variants use the defaults
-    (running normalization, the x0 + prompt critic) unless named ``-paper``.
+    what fine-tuning does? {DDPO-2, DDPO-40, TDPO, TDPO-R, AlignProp, GRPO}, then the reset
+    ablation (TDPO-R resetting dormant or all neurons; TDPO = never) and TDPO-R with the paper's
+    critic, 5 seeds each on ``shapes_aesthetic``, 12 epochs (768 queries), held-out evaluation
+    every 4 epochs; the main methods' runs come first in the plan. DDPO keeps its usual
+    per-prompt normalization (its presets); the TDPO variants use the defaults (running
+    normalization, the x0 + prompt critic with replay) unless named ``-paper``.
     """
     steps = DEFAULT_STEPS
     return {
         "out": "sweeps/mechanism",
         "base_preset": "shapes",
         "overrides": {
-            "train.epochs": 16,
+            "train.epochs": 12,
             "eval.every": 4,
             "cpu_threads": 1,
-            "log.grid_every": 8,
+            "log.grid_every": 12,
             "log.critic_reference": True,
             # steps large enough for policy gradients to move this world within 16 epochs
             "train.learning_rate": 3e-3,
@@ -159,9 +160,18 @@ def mechanism_spec() -> dict[str, Any]:
             "alignprop": {"preset": "alignprop", "overrides": {}},
             "grpo": {"preset": "grpo", "overrides": {}},
         },
-        "grid": [{"rewards": ["shapes_aesthetic"], "seeds": [0, 1, 2, 3, 4]}],
+        "grid": [
+            {"rewards": ["shapes_aesthetic"], "seeds": [0, 1, 2, 3, 4], "methods": MECHANISM_MAIN},
+            {
+                "rewards": ["shapes_aesthetic"],
+                "seeds": [0, 1, 2, 3, 4],
+                "methods": ["tdpo-r-dormant", "tdpo-r-all", "tdpo-r-paper"],
+            },
+        ],
     }
 
+
+MECHANISM_MAIN = ["ddpo-2", "ddpo-40", "tdpo", "tdpo-r", "alignprop", "grpo"]
 
 SWEEP_PRESETS = {"paper-shapes": paper_shapes_spec, "mechanism": mechanism_spec}
 

@@ -74,6 +74,7 @@ def test_old_run_configs_still_load():
     old = build_config(base={"critic": {"input": "image"}})  # keys added since: old behaviour
     assert old.train.normalization == "per_prompt" and not old.critic.prompt_input
     assert (old.critic.init, old.kl.loss_coef, old.log.critic_reference) == ("reference", 0, False)
+    assert old.critic.replay_epochs == 1
     assert build_config().critic.prompt_input  # a new config gets the new defaults
 
 
@@ -118,3 +119,48 @@ def test_fan_in_init_starts_at_zero_and_resets_redraw_per_layer():
     reset_neurons(head.mlp, masks, head.weight_std, generator=torch.Generator().manual_seed(3))
     assert linears[1].weight.std().item() == pytest.approx(1024**-0.5, rel=0.1)
     assert torch.count_nonzero(linears[-1].weight) == 0  # the output layer's own init is zero
+
+
+def test_critic_replays_the_last_epochs_and_keeps_them_in_its_state(make_trainer, tmp_path):
+    """critic.replay_epochs=2: the critic trains on this epoch's and the last epoch's states (the
+    advantages use this epoch's only); with one epoch in the buffer it is exactly the paper's
+    path; the buffer survives a state round trip (resume)."""
+    replay = make_trainer(**{"critic.replay_epochs": 2, "train.epochs": 3})
+    paper = make_trainer(run_dir=tmp_path / "paper", **{"train.epochs": 3})
+    seen = []
+    targets_of = replay.method.critic_targets
+
+    def record(features, timesteps, returns, old_values):
+        out = targets_of(features, timesteps, returns, old_values)
+        seen.append((features, out))
+        return out
+
+    replay.method.critic_targets = record
+    n = replay.schedule.samples_per_process
+    for epoch in range(2):
+        replay.epoch_step(epoch)
+        paper.epoch_step(epoch)
+        if epoch == 0:  # one epoch in the buffer: the same critic as the paper's
+            for a, b in zip(replay.method.critic.parameters(), paper.method.critic.parameters()):
+                assert torch.equal(a, b)
+    first, second = seen[0][0], seen[1][1]
+    assert second.features.shape[0] == 2 * n  # last epoch's states, then this epoch's
+    assert torch.equal(second.features[:n], first) and torch.equal(second.features[n:], seen[1][0])
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(replay.method.critic.parameters(), paper.method.critic.parameters())
+    ]
+    assert any(moved)  # the replayed states changed what the critic learned
+    replay.epoch_step(2)
+    assert len(replay.method.replay) == 2 and seen[2][1].features.shape[0] == 2 * n
+
+    state = replay.method.state_dict()
+    restored = make_trainer(run_dir=tmp_path / "restored", **{"critic.replay_epochs": 2})
+    restored.method.load_state_dict(state)
+    for kept, loaded in zip(replay.method.replay, restored.method.replay):
+        assert all(torch.equal(kept[k], loaded[k].to(kept[k].device)) for k in kept)
+
+
+def test_replay_epochs_must_be_positive():
+    with pytest.raises(UsageError, match="critic.replay_epochs"):
+        build_config(overrides={"critic.replay_epochs": 0})

@@ -73,9 +73,8 @@ class EpochBatch:
     prompt_embeds: torch.Tensor  # [N, L, D]
     negative_embeds: torch.Tensor | None  # [N, L, D]
     advantages: torch.Tensor  # [N, T]
-    returns: torch.Tensor | None = None  # [N, T] G_k (critic target; tdpo)
-    old_values: torch.Tensor | None = None  # [N, T] V_old(k) (tdpo)
-    state_embeddings: torch.Tensor | None = None  # [N, T, d] (tdpo)
+    state_embeddings: torch.Tensor | None = None  # [N, T, d] this epoch's states (tdpo)
+    critic: CriticTargets | None = None  # what the critic trains on (tdpo)
     pooled_embeds: torch.Tensor | None = None  # [N, P] SDXL's pooled text embeddings
     negative_pooled: torch.Tensor | None = None  # [N, P]
 
@@ -91,6 +90,18 @@ class EpochBatch:
             pooled_embeds=traj.pooled_embeds,
             negative_pooled=traj.negative_pooled,
         )
+
+
+@dataclass
+class CriticTargets:
+    """The critic's training data for one epoch: the states of the last ``critic.replay_epochs``
+    epochs (M = that many epochs of local samples, this epoch's last), their returns G_k and
+    V_old(k) (the centre of the value clip), recomputed with the critic of this epoch."""
+
+    features: torch.Tensor  # [M, T, d]
+    timesteps: torch.Tensor  # [M, T]
+    returns: torch.Tensor  # [M, T]
+    old_values: torch.Tensor  # [M, T]
 
 
 class PolicyGradient(Method):
@@ -272,6 +283,26 @@ class PolicyGradient(Method):
         """DDPO: A = R~ at every step (minus KL terms if enabled): the returns as they are."""
         return {}
 
+    def critic_targets(
+        self,
+        features: torch.Tensor,
+        timesteps: torch.Tensor,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+    ) -> CriticTargets:
+        """This epoch's states joined to the last ``critic.replay_epochs - 1`` epochs' (kept on
+        the device): the critic fits more prompts and images than one epoch holds, so V_old
+        generalizes to the next epoch's new prompts (docs/results/mechanism.md). The policy's
+        advantages always use V_old of this epoch's states only."""
+        fresh = {"features": features, "timesteps": timesteps, "returns": returns}
+        self.replay = (self.replay + [fresh])[-self.trainer.config.critic.replay_epochs :]
+        if len(self.replay) == 1:
+            return CriticTargets(**fresh, old_values=old_values)
+        joined = {key: torch.cat([epoch[key] for epoch in self.replay]) for key in fresh}
+        with torch.no_grad():
+            joined_old = self.critic(joined["features"], joined["timesteps"])
+        return CriticTargets(**joined, old_values=joined_old)
+
     def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
         """Work after the epoch's updates (TDPO: neuron statistics and reset)."""
         return {}
@@ -298,6 +329,16 @@ class PolicyGradient(Method):
         else:
             order = [(j, m) for m in range(sch.minibatches) for j in range(T)]
         use_cfg = cfg.train.cfg and tr.policy.use_cfg and batch.negative_embeds is not None
+        if critic is not None:  # the critic's rows: the policy's, or drawn from its replay
+            targets = batch.critic
+            if len(targets.returns) == n:
+                critic_perm, critic_time = sample_perm, time_perm
+            else:
+                critic_perm = torch.randperm(len(targets.returns), generator=generator).to(device)
+                critic_time = torch.argsort(
+                    torch.rand(len(targets.returns), T, generator=generator), dim=1
+                ).to(device)
+            critic_blocks = len(targets.returns) // mb_size
 
         policy_params = [p for p in unet.parameters() if p.requires_grad]
         clip_groups = [(policy_params, cfg.train.max_grad_norm)]
@@ -315,7 +356,6 @@ class PolicyGradient(Method):
                 if critic is not None:
                     sync.enter_context(acc.no_sync(critic))
             with sync, acc.autocast():
-                t = batch.timesteps[rows, k]
                 log_prob = self.step_log_prob(unet, batch, rows, k, use_cfg)
                 # L_pi = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))), rho = pi_theta / pi_old
                 policy_loss, info = ppo_clip_loss(
@@ -325,13 +365,16 @@ class PolicyGradient(Method):
                     cfg.train.clip_range,
                 )
                 loss = policy_loss
-                if critic is not None:
-                    values = critic(batch.state_embeddings[rows, k], t)
+                if critic is not None:  # block m of pass j; with no replay, the policy's rows
+                    block = (j * sch.minibatches + m) % critic_blocks
+                    c_rows = critic_perm[block * mb_size : (block + 1) * mb_size]
+                    c_k = critic_time[c_rows, j]
+                    values = critic(targets.features[c_rows, c_k], targets.timesteps[c_rows, c_k])
                     # L_V = 0.5 mean(max((V-G)^2, (clip(V, V_old +- c) - G)^2))
                     value_loss = clipped_value_loss(
                         values,
-                        batch.old_values[rows, k],
-                        batch.returns[rows, k],
+                        targets.old_values[c_rows, c_k],
+                        targets.returns[c_rows, c_k],
                         cfg.critic.value_clip,
                     )
                     loss = loss + cfg.critic.value_coef * value_loss
@@ -490,6 +533,7 @@ class TDPO(PolicyGradient):
             init=cfg.critic.init,
         ).to(trainer.device)
         self.prev_dormant: list[torch.Tensor] | None = None
+        self.replay: list[dict[str, torch.Tensor]] = []  # the critic's last epochs of states
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.trainer.config.critic.learning_rate
@@ -503,6 +547,7 @@ class TDPO(PolicyGradient):
         state["prev_dormant"] = [m.cpu() for m in self.prev_dormant] if self.prev_dormant else []
         head = unwrap(self.critic).state_dict()
         state["critic"] = {k: v.detach().cpu().clone() for k, v in head.items()}
+        state["critic_replay"] = [{k: v.cpu() for k, v in e.items()} for e in self.replay]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -510,6 +555,8 @@ class TDPO(PolicyGradient):
         unwrap(self.critic).load_state_dict(state["critic"])
         device = self.trainer.device
         self.prev_dormant = [m.to(device) for m in state["prev_dormant"]] or None
+        replay = state.get("critic_replay", [])  # absent in checkpoints of earlier versions
+        self.replay = [{k: v.to(device) for k, v in e.items()} for e in replay]
 
     def save_final(self, directory) -> None:
         from safetensors.torch import save_file  # deferred: only when a run finishes
@@ -600,10 +647,11 @@ class TDPO(PolicyGradient):
         advantages_all[~finite] = 0.0
         batch.advantages = advantages_all[local]
         local_finite = finite[local].to(tr.device)
-        batch.returns = torch.where(local_finite[:, None], returns, old_values)
-        batch.old_values, batch.state_embeddings = old_values, embeddings
+        returns = torch.where(local_finite[:, None], returns, old_values)  # no signal if not finite
+        batch.state_embeddings = embeddings
+        batch.critic = self.critic_targets(embeddings, batch.timesteps, returns, old_values)
         values_all = tr.gather(old_values)[finite]
-        returns_all = tr.gather(batch.returns)[finite]
+        returns_all = tr.gather(returns)[finite]
         metrics = {
             "critic_ev": explained_variance(values_all, returns_all),
             "value_mean": float(tr.gather(old_values).mean()),
@@ -620,6 +668,26 @@ class TDPO(PolicyGradient):
             for q, r2 in r2_by_quarter(ref_all, returns_all).items():
                 metrics[f"critic_ref/{q}"] = r2
         return metrics
+
+    def critic_targets(
+        self,
+        features: torch.Tensor,
+        timesteps: torch.Tensor,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+    ) -> CriticTargets:
+        """This epoch's states joined to the last ``critic.replay_epochs - 1`` epochs' (kept on
+        the device): the critic fits more prompts and images than one epoch holds, so V_old
+        generalizes to the next epoch's new prompts (docs/results/mechanism.md). The policy's
+        advantages always use V_old of this epoch's states only."""
+        fresh = {"features": features, "timesteps": timesteps, "returns": returns}
+        self.replay = (self.replay + [fresh])[-self.trainer.config.critic.replay_epochs :]
+        if len(self.replay) == 1:
+            return CriticTargets(**fresh, old_values=old_values)
+        joined = {key: torch.cat([epoch[key] for epoch in self.replay]) for key in fresh}
+        with torch.no_grad():
+            joined_old = self.critic(joined["features"], joined["timesteps"])
+        return CriticTargets(**joined, old_values=joined_old)
 
     def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
         return self.neurons(epoch, batch.state_embeddings, batch.timesteps)
