@@ -62,6 +62,10 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise UsageError("--reward", None, "name at least one reward, e.g. --reward aesthetic")
     for name in args.reward:
         check_reward_name(name, "--reward")
+    from tdpo.rewards.hub import check_reward_sources  # deferred: imports torch
+
+    for name in args.reward:
+        check_reward_sources(name, "--reward")
     if args.out is None:
         args.out = str(default_output(args.run, "eval", "eval.json", ".json"))
     if not str(args.out).endswith(".json"):

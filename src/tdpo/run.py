@@ -133,6 +133,20 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
     resolve_schedule(config, num_processes())  # the algorithm's own rule imports torch
     for field, name in names:
         check_reward_name(name, field=field)  # the reward registry imports torch
+    check_hub_sources(config, names)
+
+
+def check_hub_sources(config: Config, names: list[tuple[str, str]]) -> None:
+    """Offline or without a network: the Hub models of the run (its pipeline, its rewards) are
+    in the local cache or local folders, checked at once (no download, no retries)."""
+    from tdpo.backbones.sources import check_pipeline_available  # deferred: huggingface_hub
+    from tdpo.paths import resolve_alias
+    from tdpo.rewards.hub import check_reward_sources
+
+    model = resolve_alias(config.model.pretrained)
+    check_pipeline_available(model, config.model.revision, "model.pretrained")
+    for field, name in names:
+        check_reward_sources(name, field)
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool = True) -> None:

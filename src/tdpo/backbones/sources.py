@@ -17,11 +17,20 @@ take keyword overrides, which win over the environment.
 | imagereward_checkpoint | THUDM/ImageReward / ImageReward.pt | TDPO_IMAGEREWARD_CHECKPOINT |
 | imagereward_tokenizer | google-bert/bert-base-uncased | TDPO_IMAGEREWARD_TOKENIZER |
 | clipscore_model | openai/clip-vit-large-patch14 | TDPO_CLIPSCORE_MODEL |
+
+Without the Hub (HF_HUB_OFFLINE=1, or its endpoint not answering one HEAD request), a run checks
+before anything loads that every Hub model it needs is cached (:func:`check_available`), and
+loads read the local cache only (:func:`cache_only_unless_reachable`): a missing file fails at
+once, naming the user's value, the file and the variable to set, not after huggingface_hub's
+retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tdpo.errors import UsageError
@@ -32,8 +41,10 @@ class Source:
     default: str  # a Hub model id, or a Hub repo id when ``filename`` is set
     env: str
     filename: str | None = None  # a file inside the Hub repo (checkpoints that are single files)
+    probe: str = "config.json"  # the first file a load reads (for the offline check)
 
 
+_TOKENIZER = "tokenizer_config.json"
 SOURCES: dict[str, Source] = {
     "clip_l14": Source("openai/clip-vit-large-patch14", "TDPO_CLIP_L14"),
     "aesthetic_mlp": Source(
@@ -43,14 +54,18 @@ SOURCES: dict[str, Source] = {
     ),
     "pickscore_model": Source("yuvalkirstain/PickScore_v1", "TDPO_PICKSCORE_MODEL"),
     "pickscore_processor": Source(
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_PICKSCORE_PROCESSOR"
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_PICKSCORE_PROCESSOR", probe=_TOKENIZER
     ),
     "hpsv2_checkpoint": Source("xswu/HPSv2", "TDPO_HPSV2_CHECKPOINT", "HPS_v2.1_compressed.pt"),
-    "hpsv2_tokenizer": Source("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_HPSV2_TOKENIZER"),
+    "hpsv2_tokenizer": Source(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "TDPO_HPSV2_TOKENIZER", probe=_TOKENIZER
+    ),
     "imagereward_checkpoint": Source(
         "THUDM/ImageReward", "TDPO_IMAGEREWARD_CHECKPOINT", "ImageReward.pt"
     ),
-    "imagereward_tokenizer": Source("google-bert/bert-base-uncased", "TDPO_IMAGEREWARD_TOKENIZER"),
+    "imagereward_tokenizer": Source(
+        "google-bert/bert-base-uncased", "TDPO_IMAGEREWARD_TOKENIZER", probe=_TOKENIZER
+    ),
     "clipscore_model": Source("openai/clip-vit-large-patch14", "TDPO_CLIPSCORE_MODEL"),
 }
 
@@ -93,12 +108,13 @@ def hub_file(repo_id: str, filename: str, field: str, env: str) -> str:
     from huggingface_hub import hf_hub_download  # deferred: an optional extra, heavy to import
 
     try:
-        return hf_hub_download(repo_id, filename)
+        with cache_only_unless_reachable():
+            return hf_hub_download(repo_id, filename)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated: all the same fix
         why = (
-            "the Hub is offline (HF_HUB_OFFLINE=1)"
-            if hub_offline()
-            else f"download failed ({type(exc).__name__})"
+            _why_unreachable()
+            if not hub_reachable()
+            else f"the download failed ({type(exc).__name__})"
         )
         raise UsageError(
             field,
@@ -109,7 +125,119 @@ def hub_file(repo_id: str, filename: str, field: str, env: str) -> str:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "0"
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+PROBE_SECONDS = 5.0  # one HEAD request to the Hub's endpoint, no retries
+_PROBES: dict[str, tuple[float, bool]] = {}  # endpoint -> (time, reachable), kept a minute
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub can be used: not HF_HUB_OFFLINE, and one HEAD request to its endpoint
+    (through huggingface_hub's session: proxies and HF_ENDPOINT apply) answers within
+    :data:`PROBE_SECONDS`. The answer is kept for a minute."""
+    if hub_offline():
+        return False
+    endpoint = hub_endpoint()
+    known = _PROBES.get(endpoint)
+    if known is not None and time.monotonic() - known[0] < 60:
+        return known[1]
+    from huggingface_hub.utils import get_session  # deferred: heavy to import
+
+    try:
+        get_session().head(endpoint, timeout=PROBE_SECONDS)
+        reachable = True
+    except Exception:  # noqa: BLE001 - DNS, connection, proxy, TLS: all "cannot be reached"
+        reachable = False
+    _PROBES[endpoint] = (time.monotonic(), reachable)
+    return reachable
+
+
+@contextlib.contextmanager
+def cache_only_unless_reachable() -> Iterator[None]:
+    """Within: when the Hub cannot be reached (:func:`hub_reachable`), huggingface_hub, and so
+    transformers and diffusers, read the local cache only, so that a missing file fails at once
+    instead of after huggingface_hub's retries (five, about 30 s)."""
+    if hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants  # deferred: heavy to import
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read at each call (is_offline_mode)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _why_unreachable() -> str:
+    if hub_offline():
+        return "the Hub is offline (HF_HUB_OFFLINE=1)"
+    return f"the Hub ({hub_endpoint()}) cannot be reached"
+
+
+def hub_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    """``repo_id/filename`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache  # deferred: heavy to import
+
+    return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+
+
+def check_available(name: str, field: str, value: object) -> None:
+    """Before anything loads: the source ``name`` (:data:`SOURCES`) is a local path that exists,
+    or a Hub id that is reachable or cached (its first file). UsageError naming ``field`` and
+    the user's ``value`` (e.g. ``reward.name='aesthetic'``), the file missing and the variable
+    to set."""
+    source = SOURCES[name]
+    spec = resolve(name)
+    if spec.startswith("hub:"):
+        repo_id, filename = spec[len("hub:") :].rsplit("/", 1)
+    elif is_local(spec):
+        if not os.path.exists(os.path.expanduser(spec)):
+            raise UsageError(
+                field,
+                value,
+                f"needs {spec} ({source.env}), which does not exist; set {source.env} to an "
+                f"existing {source.filename or 'model folder'} or unset it (the Hub's copy)",
+            )
+        return
+    else:
+        repo_id, filename = spec, source.probe
+    if hub_reachable() or hub_cached(repo_id, filename):
+        return
+    download = f"hf download {repo_id}" + (f" {filename}" if source.filename else "")
+    online = "unset HF_HUB_OFFLINE and run" if hub_offline() else "run where the Hub is reachable"
+    raise UsageError(
+        field,
+        value,
+        f"needs {repo_id}/{filename}, which is not in the local Hugging Face cache, and "
+        f"{_why_unreachable()}: {online} `{download}` once, or set {source.env} to a local copy",
+    )
+
+
+def check_pipeline_available(spec: str, revision: str | None, field: str) -> None:
+    """The offline check of a Hub pipeline id (a folder is checked by tdpo.paths): reachable,
+    or its model_index.json cached; UsageError otherwise, before anything loads."""
+    if is_local(spec) or spec.count("/") != 1 or hub_reachable():
+        return
+    if hub_cached(spec, "model_index.json", revision):
+        return
+    online = "unset HF_HUB_OFFLINE and run" if hub_offline() else "run where the Hub is reachable"
+    raise UsageError(
+        field,
+        spec,
+        f"cannot load the pipeline: {spec}/model_index.json is not in the local Hugging Face "
+        "cache, and "
+        f"{_why_unreachable()}: {online} `hf download {spec}` once, or give a "
+        "local pipeline folder",
+    )
 
 
 def is_local(spec: str) -> bool:
@@ -125,10 +253,8 @@ def hub_error_fix(spec: str, exc: BaseException) -> str:
         return (
             f"cannot load a model from this path ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         )
-    where = (
-        "the Hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "the Hub could not be reached"
-    )
+    where = _why_unreachable() if not hub_reachable() else "it could not be downloaded"
     return (
         f"not found in the local Hugging Face cache and {where}; download it first "
-        "(huggingface-cli download ...) or give a local folder"
+        "(hf download ...) or give a local folder"
     )

@@ -16,7 +16,9 @@ Each factory is ``factory(device=None, dtype=None, **overrides)`` and returns a
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +33,14 @@ from tdpo.backbones import (
     preprocess_images,
 )
 from tdpo.backbones.open_clip_hf import load_open_clip_as_hf
-from tdpo.backbones.sources import hub_error_fix, is_local, resolve, resolve_file
+from tdpo.backbones.sources import (
+    cache_only_unless_reachable,
+    check_available,
+    hub_error_fix,
+    is_local,
+    resolve,
+    resolve_file,
+)
 from tdpo.errors import UsageError
 from tdpo.images import to_uint8_arrays
 from tdpo.rewards.imagereward_hf import (
@@ -41,8 +50,51 @@ from tdpo.rewards.imagereward_hf import (
     load_imagereward_model,
 )
 from tdpo.rewards.registry import register_reward
+from tdpo.rewards.spec import is_dotted_path, is_weighted, parse_reward_spec
 
 FIELD = "reward.name"
+
+# The models each Hub reward loads (tdpo.backbones.sources), checked before anything loads.
+REWARD_SOURCES: dict[str, tuple[str, ...]] = {
+    "aesthetic": ("clip_l14", "aesthetic_mlp"),
+    "pickscore": ("pickscore_model", "pickscore_processor"),
+    "hpsv2": ("hpsv2_checkpoint", "hpsv2_tokenizer"),
+    "imagereward": ("imagereward_checkpoint", "imagereward_tokenizer"),
+    "clipscore": ("clipscore_model",),
+}
+
+
+def check_reward_sources(spec: str, field: str = FIELD) -> None:
+    """Before anything loads: every Hub model a reward spec needs is a local path that exists,
+    reachable on the Hub, or in the local cache; else one UsageError naming ``field``, the
+    user's value, the missing file and the variable to set (no download, no retries)."""
+    if not isinstance(spec, str) or is_dotted_path(spec):
+        return
+    names = [n for n, _ in parse_reward_spec(spec, field)] if is_weighted(spec, field) else [spec]
+    for name in names:
+        for source in REWARD_SOURCES.get(name, ()):
+            check_available(source, field, name if name == spec else spec)
+
+
+def _hub_factory(name: str) -> Callable[[Callable], Callable]:
+    """Register a Hub reward whose loads use the local cache only when the Hub cannot be reached
+    (a missing file fails at once) and whose load errors name the reward (``reward.name=
+    'aesthetic': ...``), not only the model id."""
+
+    def decorator(factory: Callable) -> Callable:
+        @functools.wraps(factory)
+        def build(*args, **kwargs):
+            try:
+                with cache_only_unless_reachable():
+                    return factory(*args, **kwargs)
+            except UsageError as exc:
+                if exc.field != FIELD or exc.value == name:
+                    raise
+                raise UsageError(FIELD, name, f"loading {exc.value}: {exc.fix}") from None
+
+        return register_reward(name)(build)
+
+    return decorator
 
 
 def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -225,7 +277,7 @@ class CLIPReward(HubReward):
         return self._from_cosine(self.scorer.cosine(self.scorer.processor_pixels(images), prompts))
 
 
-@register_reward("pickscore")
+@_hub_factory("pickscore")
 def pickscore(device=None, dtype=None, model: str | None = None, processor: str | None = None):
     """PickScore_v1: exp(logit_scale) * cos(image, text) (about 18-24 on SD images)."""
     device, dtype = _device_dtype(device, dtype)
@@ -235,7 +287,7 @@ def pickscore(device=None, dtype=None, model: str | None = None, processor: str 
     return CLIPReward(scorer, "pickscore", "logit")
 
 
-@register_reward("clipscore")
+@_hub_factory("clipscore")
 def clipscore(device=None, dtype=None, model: str | None = None):
     """CLIPScore: 100 * max(cos(image, text), 0) with CLIP ViT-L/14 by default."""
     device, dtype = _device_dtype(device, dtype)
@@ -243,7 +295,7 @@ def clipscore(device=None, dtype=None, model: str | None = None):
     return CLIPReward(load_hf_clip_scorer(spec, None, device, dtype), "clipscore", "clipscore")
 
 
-@register_reward("hpsv2")
+@_hub_factory("hpsv2")
 def hpsv2(
     device=None,
     dtype=None,
@@ -315,7 +367,7 @@ class AestheticReward(HubReward):
         return self._head(F.normalize(features.float(), dim=-1))
 
 
-@register_reward("aesthetic")
+@_hub_factory("aesthetic")
 def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None = None):
     """LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14
     L2-normalized image embeddings: about 1-10, SD 1.4 images score about 5-6."""
@@ -329,7 +381,7 @@ def aesthetic(device=None, dtype=None, clip: str | None = None, mlp: str | None 
 # ----------------------------------------------------------------------------- ImageReward
 
 
-@register_reward("imagereward")
+@_hub_factory("imagereward")
 def imagereward(
     device=None, dtype=None, checkpoint: str | None = None, tokenizer: str | None = None
 ):
