@@ -8,7 +8,8 @@ the names of its parts, in one place, and the checks made before a run writes in
       checkpoints/    resumable state, written atomically
       final/          LoRA weights in diffusers format (and the critic head)
       best/           the best LoRA by eval.monitor
-      report/         `tdpo report` output
+      report/         `tdpo report` output (rewritten when the run is resumed)
+      eval/           `tdpo eval --lora RUN` summaries (tdpo sample writes into samples/)
       .lock           the run's writer lock: an OS file lock (flock) held for the whole run by
                       the process that writes it; holds its PID
 """
@@ -60,7 +61,7 @@ def _short(text: str, limit: int = 60) -> str:
 
 def check_run_name(name: str | None, field: str = "run_name") -> None:
     """A run name is one folder name: no ``/``, not ``.`` or ``..``, at most 255 bytes (None or
-    empty: the default ``<preset>-<timestamp>``)."""
+    empty: the default ``<presets>-<method>-<timestamp>``, see tdpo.run.default_run_dir)."""
     if not name:
         return
     if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
