@@ -65,13 +65,15 @@ class SampleConfig:
         4.0, "Classifier-free guidance w (1.0 disables guidance; the paper: 5)."
     )
     batch_size: int = _f(32, "Images sampled per process per batch.")
-    prompts_per_epoch: int = _f(
-        16,
+    prompts_per_epoch: int | None = _f(
+        None,
         "Distinct prompts drawn per epoch, each repeated samples_per_epoch / prompts_per_epoch "
-        "times, so per-prompt normalization has a group from the first epoch (0 = draw every "
-        "sample's prompt independently, as the paper). The shapes default 16 (4 samples per "
-        "prompt) was 8 before: more prompts per epoch let the critic generalize to the next "
-        "epoch's prompts (docs/results/mechanism.md).",
+        "times, so per-prompt and group normalization have a group from the first epoch (0 = "
+        "draw every sample's prompt independently, as the paper). Unset (null) = groups of "
+        "4: samples_per_epoch / 4 prompts (16 of the shapes default 64; 8 prompts per epoch "
+        "before this version: more prompts per epoch let the critic generalize to the next "
+        "epoch's, docs/results/mechanism.md), or 0 when samples_per_epoch is not a multiple "
+        "of 4 or below 8. The resolved number is what config.yaml records.",
     )
     samples_per_epoch: int = _f(
         64, "Images sampled per epoch over all processes (reward queries per epoch)."
@@ -251,7 +253,11 @@ class PromptConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(4, "Evaluate on held-out prompts every N epochs (0 = never).")
+    every: int = _f(
+        4,
+        "Evaluate on held-out prompts before training, every N epochs and after the last "
+        "epoch (0 = never).",
+    )
     prompt_sets: list[str] = _f(
         ["seen=shapes", "unseen=shapes_unseen"],
         "Held-out prompt sets, each `label=set_or_file` or a set name (label = the name); "
@@ -298,7 +304,11 @@ class CheckpointConfig:
 @dataclass
 class Config:
     output_dir: str = _f("runs", "Parent folder of run directories.")
-    run_name: str | None = _f(None, "Run directory name (default: <preset>-<timestamp>).")
+    run_name: str | None = _f(
+        None,
+        "Run directory name (default: [<setup preset>-]<method>-<timestamp>, e.g. "
+        "tdpo-r-20261202-040000).",
+    )
     seed: int = _f(0, "Seed of every random draw (prompts, noise, shuffles, dropout, resets).")
     cpu_threads: int = _f(
         1,
@@ -727,13 +737,26 @@ def build_config(
     return config
 
 
+PROMPT_GROUP = 4  # samples per prompt when sample.prompts_per_epoch is left unset
+
+
+def resolve_defaults(config: Config) -> None:
+    """Defaults that depend on other fields, resolved once so that config.yaml records them."""
+    s = config.sample
+    if s.prompts_per_epoch is None:
+        groups = s.samples_per_epoch % PROMPT_GROUP == 0 and s.samples_per_epoch >= 2 * PROMPT_GROUP
+        s.prompts_per_epoch = s.samples_per_epoch // PROMPT_GROUP if groups else 0
+
+
 def _positive(name: str, value: float, fix: str = "must be > 0") -> None:
     if value <= 0:
         raise UsageError(name, value, fix)
 
 
 def validate(config: Config) -> None:
-    """Range checks that do not depend on the number of processes or on models."""
+    """Range checks that do not depend on the number of processes or on models (after
+    :func:`resolve_defaults`, which it calls first)."""
+    resolve_defaults(config)
     s, t, c, r, k = config.sample, config.train, config.critic, config.reset, config.kl
     check_run_name(config.run_name)
     _positive("sample.num_steps", s.num_steps, "must be >= 1 (the paper uses 50)")

@@ -29,11 +29,7 @@ DONE_WHEN = [
     "train.batch_size=4",
     "--set",
     "train.epochs=2",
-    # not in the command: 8 samples need a divisor of 8 prompts per epoch (the default
-    # is 16), and GRPO's group normalization at least 2 samples per prompt: 2 prompts x 4
-    "--set",
-    "sample.prompts_per_epoch=2",
-]
+]  # exactly the command: 8 samples give 2 prompts x 4 (sample.prompts_per_epoch unset)
 
 
 @pytest.fixture(scope="module")
