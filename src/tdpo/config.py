@@ -185,6 +185,19 @@ class CriticConfig:
     )
     value_coef: float = _f(1.0, "Weight c_v of the value loss.")
     embed_batch_size: int = _f(64, "States decoded and embedded per batch when valuing states.")
+    decoder: Literal["vae", "tiny"] = _f(
+        "vae",
+        "How an image or x0 critic decodes states: vae = the pipeline's VAE (the paper); tiny = "
+        "the decoder of a tiny autoencoder (diffusers AutoencoderTiny, TAESD; critic.tiny_decoder), "
+        "far cheaper than the VAE at SD scale. Rewards and log.critic_reference still see the "
+        "VAE's images.",
+    )
+    tiny_decoder: str = _f(
+        "madebyollin/taesd",
+        "The AutoencoderTiny of critic.decoder=tiny: a folder or Hub id (madebyollin/taesd for "
+        "SD 1.x/2.x latents, madebyollin/taesdxl for SDXL, madebyollin/taesd3 for SD3); its "
+        "latent_channels must equal the pipeline VAE's.",
+    )
 
 
 @dataclass
@@ -569,6 +582,8 @@ ADDED_KEYS = {
     "kl.loss_coef": 0.0,
     "critic.replay_epochs": 1,
     "sample.noise_level": 0.7,  # flow models only: runs before it were all DDIM
+    "critic.decoder": "vae",
+    "critic.tiny_decoder": "madebyollin/taesd",
 }
 
 
@@ -817,6 +832,12 @@ def validate(config: Config) -> None:
     _positive(
         "critic.replay_epochs", c.replay_epochs, "must be >= 1 (1 = this epoch's states only)"
     )
+    if c.decoder == "tiny" and c.input == "latent":
+        raise UsageError(
+            "critic.decoder",
+            "tiny",
+            "the latent critic decodes nothing: set critic.input=image or x0, or critic.decoder=vae",
+        )
     _positive("reset.every", r.every, "must be >= 1 epoch")
     if r.tau < 0:
         raise UsageError("reset.tau", r.tau, "must be >= 0")
