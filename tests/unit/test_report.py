@@ -221,6 +221,13 @@ IMAGE = {"input": "image"}  # configs written before the x0 critic became the sh
             },
             "TDPO-R (x0+prompt critic, running norm)",
         ),
+        (  # the shapes defaults of this version: the critic replays the last 4 epochs
+            {
+                "train": {"algorithm": "tdpo", "normalization": "running"},
+                "critic": {"input": "x0", "prompt_input": True, "replay_epochs": 4},
+            },
+            "TDPO-R (x0+prompt critic, replay 4, running norm)",
+        ),
         ({"train": {"algorithm": "grpo", "normalization": "group"}}, "GRPO"),
     ],
 )

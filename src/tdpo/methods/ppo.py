@@ -478,12 +478,14 @@ class TDPO(PolicyGradient):
     @classmethod
     def label(cls, config) -> str:
         """TDPO, TDPO-R (active reset) or TDPO-reset-<target>, with what differs from the
-        paper's critic and normalization in brackets, e.g. "TDPO-R (x0+prompt critic, running
-        norm)"."""
+        paper's critic and normalization in brackets, e.g. "TDPO-R (x0+prompt critic, replay 4,
+        running norm)"."""
         c = config.critic
         notes = []
         if c.input != "image" or c.prompt_input:
             notes.append(f"{c.input}{'+prompt' if c.prompt_input else ''} critic")
+        if c.replay_epochs > 1:
+            notes.append(f"replay {c.replay_epochs}")
         notes += _normalization_note(config)
         if not config.reset.enabled:
             name = "TDPO"
