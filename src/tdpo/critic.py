@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tdpo.algos.advantages import merge_moments
+from tdpo.errors import UsageError
 
 # Reference head (copied from the LAION aesthetic predictor): no nonlinearity between layers.
 HEAD_WIDTHS = (1024, 128, 64, 16)
@@ -150,6 +151,75 @@ def trajectory_state_embeddings(
     b, s = states.shape[:2]
     flat = states.reshape(b * s, *states.shape[2:])
     return embed_states(decode, embedder, flat, batch_size).view(b, s, -1)
+
+
+class TinyStateDecoder(nn.Module):
+    """Latents -> images in [0, 1] with the decoder of a tiny autoencoder (diffusers'
+    ``AutoencoderTiny``, TAESD), the cheap stand-in for the VAE when valuing states
+    (``critic.decoder=tiny``).
+
+    The latents are the pipeline's (the denoiser's space); as diffusers' pipelines do with a
+    tiny autoencoder in place of the VAE, they are divided by the tiny model's own
+    ``scaling_factor`` and shifted by its ``shift_factor`` (TAESD: 1 and 0; TAESD3: SD3's VAE
+    factors). Its decoder maps to [-1, 1], as the VAE's."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+        config = autoencoder.config
+        self.scaling_factor = float(config.scaling_factor)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents.to(self.dtype) / self.scaling_factor + self.shift_factor
+        images = self.autoencoder.decode(scaled).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+
+TINY_DECODER_FIELD = "critic.tiny_decoder"
+
+
+def load_tiny_decoder(
+    spec: str, latent_channels: int, device, dtype: torch.dtype | None = None
+) -> TinyStateDecoder:
+    """The frozen decoder of ``critic.tiny_decoder`` (an ``AutoencoderTiny`` folder or Hub id),
+    checked against the pipeline's ``latent_channels``; a bad value raises :class:`UsageError`
+    naming the field, the value and the fix. The encoder is dropped (only decoding is needed)."""
+    from diffusers import AutoencoderTiny  # deferred: seconds to import
+
+    from tdpo.backbones import hub_error_fix
+
+    try:
+        kind = AutoencoderTiny.load_config(spec).get("_class_name")
+        if kind != "AutoencoderTiny":
+            raise UsageError(
+                TINY_DECODER_FIELD,
+                spec,
+                f"this is a {kind}, not an AutoencoderTiny: give a tiny autoencoder "
+                "(madebyollin/taesd, taesdxl, taesd3 or a folder saved from AutoencoderTiny) "
+                "or set critic.decoder=vae",
+            )
+        autoencoder = AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UsageError(TINY_DECODER_FIELD, spec, hub_error_fix(spec, exc)) from None
+    channels = autoencoder.config.latent_channels
+    if channels != latent_channels:
+        raise UsageError(
+            TINY_DECODER_FIELD,
+            spec,
+            f"its latent_channels={channels} do not match the pipeline's {latent_channels}: "
+            "give a tiny autoencoder made for this model's latents (madebyollin/taesd for SD "
+            "1.x/2.x, madebyollin/taesdxl for SDXL, madebyollin/taesd3 for SD3) or set "
+            "critic.decoder=vae",
+        )
+    autoencoder.encoder = None  # never used: free its memory
+    decoder = TinyStateDecoder(autoencoder).to(device).eval()
+    decoder.requires_grad_(False)
+    return decoder
 
 
 STANDARDIZE_EPS = 1e-8  # added to the running variance before its square root

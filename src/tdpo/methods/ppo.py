@@ -52,6 +52,7 @@ from tdpo.critic import (
     CriticHead,
     latent_feature_dim,
     latent_state_features,
+    load_tiny_decoder,
     trajectory_state_embeddings,
 )
 from tdpo.errors import NonFiniteRewards, UsageError
@@ -523,6 +524,14 @@ class TDPO(PolicyGradient):
         else:  # the cheap critic: pooled latents and the timestep
             in_dim = latent_feature_dim(unet_cfg.in_channels)
             timestep_input = True
+        self.tiny_decoder = None  # critic.decoder=tiny: states decoded with an AutoencoderTiny
+        if self.embedder is not None and cfg.critic.decoder == "tiny":
+            self.tiny_decoder = load_tiny_decoder(
+                cfg.critic.tiny_decoder,
+                trainer.policy.vae.config.latent_channels,
+                trainer.device,
+                trainer.weight_dtype,
+            )
         if cfg.critic.prompt_input:  # the prompt's text features (UNet or SD3 transformer width)
             in_dim += trainer.policy.text_feature_dim
         self.keep_x0 = cfg.critic.input == "x0" or cfg.log.critic_reference
@@ -580,7 +589,7 @@ class TDPO(PolicyGradient):
         elif cfg.critic.input == "image":  # x_T ... x_1, the states before each step
             with self.trainer.accelerator.autocast():
                 features = trajectory_state_embeddings(
-                    self.trainer.policy.decode,
+                    self.state_decoder(),
                     self.embedder,
                     traj.latents[:, :-1],
                     cfg.critic.embed_batch_size,
@@ -608,10 +617,13 @@ class TDPO(PolicyGradient):
         size = tr.config.critic.embed_batch_size
         embeddings, rewards = [], []
         for lo in range(0, n * T, size):
+            chunk_states = states[lo : lo + size]
             with tr.accelerator.autocast():
-                images = tr.policy.decode(states[lo : lo + size])
+                images = (self.state_decoder() if embed else tr.policy.decode)(chunk_states)
                 if embed:
                     embeddings.append(self.embedder(images).float())
+                if score and embed and self.tiny_decoder is not None:  # the reward sees the VAE's
+                    images = tr.policy.decode(chunk_states)
             if score:
                 chunk = prompts[lo : lo + size]
                 rewards.append(score_images({"r": tr.reward_fn}, images, chunk)["r"])
@@ -619,6 +631,11 @@ class TDPO(PolicyGradient):
             torch.cat(embeddings).view(n, T, -1) if embed else None,
             torch.cat(rewards).to(tr.device).view(n, T) if score else None,
         )
+
+    def state_decoder(self):
+        """How valuing decodes states to images: the tiny autoencoder (``critic.decoder=tiny``)
+        or the pipeline's VAE."""
+        return self.tiny_decoder if self.tiny_decoder is not None else self.trainer.policy.decode
 
     def set_advantages(
         self,
