@@ -284,26 +284,6 @@ class PolicyGradient(Method):
         """DDPO: A = R~ at every step (minus KL terms if enabled): the returns as they are."""
         return {}
 
-    def critic_targets(
-        self,
-        features: torch.Tensor,
-        timesteps: torch.Tensor,
-        returns: torch.Tensor,
-        old_values: torch.Tensor,
-    ) -> CriticTargets:
-        """This epoch's states joined to the last ``critic.replay_epochs - 1`` epochs' (kept on
-        the device): the critic fits more prompts and images than one epoch holds, so V_old
-        generalizes to the next epoch's new prompts (docs/results/mechanism.md). The policy's
-        advantages always use V_old of this epoch's states only."""
-        fresh = {"features": features, "timesteps": timesteps, "returns": returns}
-        self.replay = (self.replay + [fresh])[-self.trainer.config.critic.replay_epochs :]
-        if len(self.replay) == 1:
-            return CriticTargets(**fresh, old_values=old_values)
-        joined = {key: torch.cat([epoch[key] for epoch in self.replay]) for key in fresh}
-        with torch.no_grad():
-            joined_old = self.critic(joined["features"], joined["timesteps"])
-        return CriticTargets(**joined, old_values=joined_old)
-
     def after_updates(self, epoch: int, batch: EpochBatch) -> dict[str, float]:
         """Work after the epoch's updates (TDPO: neuron statistics and reset)."""
         return {}
