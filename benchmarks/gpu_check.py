@@ -9,8 +9,14 @@ folder, then in bf16 on CUDA times:
    alternating (the ratio; target <= 1.05);
 3. one TDPO-R epoch (8 samples, 50 steps, LoRA, image critic): seconds split sample / value /
    train and peak memory;
+3t. the same with the image critic decoding states with a tiny autoencoder
+   (``critic.decoder=tiny``: diffusers' ``AutoencoderTiny`` with TAESD's architecture, random
+   weights) instead of the VAE;
 4. the same with the latent critic;
-5. one DDPO-100 epoch.
+5. one DDPO-100 epoch; then the image critic's epoch over DDPO-100's, with the VAE and with the
+   tiny decoder (``critic_decoder`` in the JSON; target for the tiny decoder <= 1.15).
+
+``--only critic-decoder`` runs parts 3, 3t and 5 only (SD 1.5; a short device check).
 
 ``--arch sdxl`` does the same at SDXL base 1.0 scale (UNet 2.6 B with ``text_time`` added
 conditions, CLIP ViT-L and OpenCLIP bigG text encoders, VAE; 4 images at 1024x1024), without
@@ -185,6 +191,13 @@ TINY_VAE = dict(
     sample_size=64,
     norm_num_groups=16,
 )
+TAESD = {}  # AutoencoderTiny's defaults are TAESD's architecture (SD 1.x/2.x latents, 8x)
+TINY_TAESD = {  # the same layout at toy width: 8x upsampling as TINY_VAE
+    "encoder_block_out_channels": (8, 8, 8, 8),
+    "decoder_block_out_channels": (8, 8, 8, 8),
+    "num_encoder_blocks": (1, 1, 1, 1),
+    "num_decoder_blocks": (1, 1, 1, 1),
+}
 TINY_TEXT = dict(
     SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
@@ -375,6 +388,31 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def build_tiny_autoencoder(directory: Path, tiny: bool, device: str) -> Path:
+    """Save an AutoencoderTiny (TAESD's architecture; toy width with ``tiny``), random weights."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoencoderTiny(**(TINY_TAESD if tiny else TAESD))
+    path = directory / "taesd-random"
+    model.to(dtype=torch.float32 if tiny else torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def critic_decoder_ratios(results: dict) -> dict | None:
+    """The image critic's epoch over DDPO-100's, with the VAE and with the tiny decoder."""
+    ddpo = results.get("5_ddpo100_epoch", {}).get("seconds")
+    if not isinstance(ddpo, float):
+        return None
+    out = {"target_tiny": 1.15}
+    for key, part in (("vae", "3_tdpo_r_image_epoch"), ("tiny", "3t_tdpo_r_image_tiny_epoch")):
+        seconds = results.get(part, {}).get("seconds")
+        if isinstance(seconds, float):
+            out[f"image_{key}_vs_ddpo100"] = seconds / ddpo
+    return out
+
+
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -435,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-batch", type=int, default=16, help="critic decode batch (16)")
     parser.add_argument(
         "--arch", choices=("sd15", "sdxl", "sd3"), default="sd15", help="architecture"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("critic-decoder",),
+        help="critic-decoder: parts 3 (image critic, VAE), 3t (tiny decoder), 5 (DDPO-100)",
     )
     args = parser.parse_args(argv)
     start = time.monotonic()
@@ -498,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda: build_models(tmp, args.tiny, device, sdxl, sd3)
         )
         state["pipe_dir"], state["clip_dir"] = pipe_dir, clip_dir
+        if not (sdxl or sd3):  # the image critic's tiny decoder (part 3t)
+            state["taesd_dir"] = build_tiny_autoencoder(tmp, args.tiny, device)
         return {"seconds": seconds}
 
     run_part(results, "0_build", part_build, deadline + 1e9)
@@ -613,11 +658,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    run_part(results, "1_pipe_call", part_pipe, deadline)
-    run_part(results, "2_policy_sample_vs_pipe", part_sample, deadline)
+    only_decoder = args.only == "critic-decoder" and not (sdxl or sd3)
+    if not only_decoder:
+        run_part(results, "1_pipe_call", part_pipe, deadline)
+        run_part(results, "2_policy_sample_vs_pipe", part_sample, deadline)
     state.pop("pipe", None)
     run_part(results, "3_tdpo_r_image_epoch", part_epoch("tdpo-r", "image"), deadline)
-    run_part(results, "4_tdpo_r_latent_epoch", part_epoch("tdpo-r", "latent"), deadline)
+    if "taesd_dir" in state:
+        tiny_decoder = {"critic.decoder": "tiny", "critic.tiny_decoder": str(state["taesd_dir"])}
+        run_part(
+            results,
+            "3t_tdpo_r_image_tiny_epoch",
+            part_epoch("tdpo-r", "image", **tiny_decoder),
+            deadline,
+        )
+    if not only_decoder:
+        run_part(results, "4_tdpo_r_latent_epoch", part_epoch("tdpo-r", "latent"), deadline)
     if sd3:
         groups = {"sample.prompts_per_epoch": max(1, samples // 2)}  # GRPO: groups of 2
         run_part(results, "5_grpo_epoch", part_epoch("grpo", None, **groups), deadline)
@@ -626,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         run_part(results, "7_alignprop_epoch", part_epoch("alignprop", None, **reward), deadline)
     elif not sdxl:
         run_part(results, "5_ddpo100_epoch", part_epoch("ddpo-100", None), deadline)
+        ratios = critic_decoder_ratios(results)
+        if ratios:
+            results["critic_decoder"] = ratios
     results["wall_s"] = time.monotonic() - start
     failed = any("error" in v for v in results.values() if isinstance(v, dict))
     return finish(results, out_path, 1 if failed else 0)
@@ -649,7 +708,7 @@ def format_table(results: dict) -> str:
         f"{'part':<26} {'seconds':>8} {'sample':>7} {'value':>7} {'train':>7} {'peak GiB':>9}  note",
     ]
     for name, r in results.items():
-        if name in ("settings", "wall_s") or not isinstance(r, dict):
+        if name in ("settings", "wall_s", "critic_decoder") or not isinstance(r, dict):
             continue
         if "error" in r or "skipped" in r:
             lines.append(f"{name:<26} {r.get('error') or r.get('skipped')}")
@@ -670,6 +729,17 @@ def format_table(results: dict) -> str:
         elif "updates" in r:
             note = f"{r['passes']} fwd+bwd passes, {r['updates']} updates"
         lines.append(f"{name:<26} " + " ".join(cols) + f"  {note}")
+    ratios = results.get("critic_decoder")
+    if ratios:
+        lines.append(
+            "image-critic epoch / DDPO-100 epoch: "
+            + ", ".join(
+                f"{key.split('_')[1]} decoder {value:.3f}"
+                for key, value in ratios.items()
+                if key.startswith("image_")
+            )
+            + f" (target for the tiny decoder <= {ratios['target_tiny']})"
+        )
     if "wall_s" in results:
         lines.append(f"wall: {results['wall_s']:.0f} s")
     return "\n".join(lines)
