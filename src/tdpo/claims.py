@@ -272,6 +272,52 @@ METHOD_COLUMNS = [
 ]
 
 
+def train_series(run: Run, key: str, first_epoch: int = 1) -> list[float]:
+    """The training lines' values of ``key`` from ``first_epoch`` on (finite ones only)."""
+    values = [r.get(key) for r in run.train_rows if (r.get("epoch") or 0) >= first_epoch]
+    return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+CRITIC_FROM_EPOCH = 4  # the critic's figures from here on (it starts from nothing at epoch 1)
+CRITIC_COLUMNS = [
+    (
+        f"critic_ev/q4, mean of epochs {CRITIC_FROM_EPOCH}+",
+        lambda run: _mean(train_series(run, "critic_ev/q4", CRITIC_FROM_EPOCH)),
+        2,
+    ),
+    (
+        f"share of epochs {CRITIC_FROM_EPOCH}+ with critic_ev/q4 >= 0.3",
+        lambda run: _mean(
+            [float(v >= 0.3) for v in train_series(run, "critic_ev/q4", CRITIC_FROM_EPOCH)]
+        ),
+        2,
+    ),
+    (
+        "critic_ref/q4 (upper reference), mean",
+        lambda run: _mean(train_series(run, "critic_ref/q4", CRITIC_FROM_EPOCH)),
+        2,
+    ),
+    ("neurons reset, total", lambda run: float(sum(train_series(run, "neurons_reset"))), 0),
+    (
+        "dormant fraction at 8 states, mean",
+        lambda run: _mean(train_series(run, "dormant_fraction/b8")),
+        3,
+    ),
+]
+
+
+def critic_methods(runs: SweepRuns) -> list[str]:
+    return [
+        m
+        for m, by_seed in runs.by_method.items()
+        if any(train_series(run, "critic_ev/q4") for run in by_seed.values())
+    ]
+
+
 def summarize_claims(runs: SweepRuns) -> dict[str, Any]:
     methods = {}
     for method in runs.by_method:
@@ -291,7 +337,11 @@ def summarize_claims(runs: SweepRuns) -> dict[str, Any]:
                 "verdict": est.verdict() if est.n else "not run",
             }
         )
-    return {"methods": methods, "claims": claims, "confidence": CONFIDENCE}
+    critic = {
+        method: {name: vars(runs.estimate(method, fn)) for name, fn, _ in CRITIC_COLUMNS}
+        for method in critic_methods(runs)
+    }
+    return {"methods": methods, "critic": critic, "claims": claims, "confidence": CONFIDENCE}
 
 
 def claims_markdown(runs: SweepRuns) -> str:
@@ -318,6 +368,21 @@ def claims_markdown(runs: SweepRuns) -> str:
     for method, by_seed in runs.by_method.items():
         cells = [runs.estimate(method, fn).text(digits) for _, fn, digits in METHOD_COLUMNS]
         lines.append(f"| {method} ({len(by_seed)}) | " + " | ".join(cells) + " |")
+    critics = critic_methods(runs)
+    if critics:
+        header = " | ".join(name for name, _, _ in CRITIC_COLUMNS)
+        lines += [
+            "",
+            "The critic (training lines; `critic_ev/q4`: the share of the return's variance that "
+            "V_old explains on the epoch's fresh samples in the last quarter of the steps):",
+            "",
+            f"| method (seeds) | {header} |",
+            "|---" * (len(CRITIC_COLUMNS) + 1) + "|",
+        ]
+        for method in critics:
+            cells = [runs.estimate(method, fn).text(digits) for _, fn, digits in CRITIC_COLUMNS]
+            n = len(runs.by_method[method])
+            lines.append(f"| {method} ({n}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,8 @@ def _run(folder, algorithm, seed, trained, gold, reset=False):
             row[f"eval/{prompt_set}/kl"] = 0.1 * i
         if epoch:
             row["reward_mean"] = trained[0][i]
+            if algorithm == "tdpo":
+                row["critic_ev/q4"] = 0.2 * i  # 0.2 at epoch 4, 0.4 at epoch 8
         rows.append(row)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -130,3 +132,6 @@ def test_claims_pair_runs_by_seed_and_write_their_verdicts(tmp_path):
     assert reset_claim["verdict"] == "not run"
     text = path.read_text()
     assert "| tdpo-r (3) |" in text and "**holds**" in text
+    assert list(summary["critic"]) == ["tdpo-r"]  # only methods with a critic
+    ev = summary["critic"]["tdpo-r"]["critic_ev/q4, mean of epochs 4+"]
+    assert ev["mean"] == pytest.approx(0.3) and ev["n"] == 3
