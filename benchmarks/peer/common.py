@@ -1,0 +1,90 @@
+"""What both workers of the peer benchmark share: the matched settings, the UNet pass counter
+and the report line. Imports only torch and the standard library (it runs in both venvs)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The matched settings (README.md in this folder says what each maps to on each side).
+STEPS = 20
+ETA = 1.0
+GUIDANCE = 4.0
+SAMPLES = 32
+SAMPLE_BATCH = 8
+TRAIN_BATCH = 4
+UPDATES = 2  # optimizer steps per epoch: 8 minibatches x 20 steps = 160 passes, 80 per step
+PROMPTS_PER_EPOCH = 8  # 8 prompts x 4 samples (tdpo's default grouping at 32 samples)
+LORA_RANK = 4
+LEARNING_RATE = 1e-3
+CLIP_RANGE = 1e-2
+MAX_GRAD_NORM = 1.0
+NORM_BUFFER = 32
+NORM_MIN_COUNT = 16
+SEED = 0
+
+
+class PassCounter:
+    """Counts the UNet's forward calls (a forward pre-hook on the UNet2DConditionModel) and the
+    rows they carry, split into sampling (no grad) and training (grad) passes."""
+
+    def __init__(self, unet):
+        self.counts = {"sample": 0, "train": 0}
+        self.rows = {"sample": 0, "train": 0}
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        import torch
+
+        kind = "train" if torch.is_grad_enabled() else "sample"
+        sample = args[0] if args else kwargs["sample"]
+        self.counts[kind] += 1
+        self.rows[kind] += int(sample.shape[0])
+
+    def take(self) -> dict:
+        out = {
+            "passes_sample": self.counts["sample"],
+            "passes_train": self.counts["train"],
+            "rows_sample": self.rows["sample"],
+            "rows_train": self.rows["train"],
+        }
+        self.counts = {"sample": 0, "train": 0}
+        self.rows = {"sample": 0, "train": 0}
+        return out
+
+
+def find_unet(module):
+    """The UNet2DConditionModel inside a (LoRA-, accelerate-) wrapped module."""
+    for sub in module.modules():
+        if type(sub).__name__ == "UNet2DConditionModel":
+            return sub
+    raise RuntimeError("no UNet2DConditionModel found")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def shapes_prompts() -> list[str]:
+    """The shapes world's seen prompts (tdpo's ``prompts.train=shapes``)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from tdpo.world.generator import seen_prompts
+
+    return seen_prompts()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def report(side: str, epochs: list[dict], extra: dict) -> None:
+    """The worker's result: one JSON line on stdout, prefixed so the driver can find it."""
+    print("PEER-RESULT " + json.dumps({"side": side, "epochs": epochs, **extra}), flush=True)
