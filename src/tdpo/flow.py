@@ -31,7 +31,7 @@ from torch import nn
 from tdpo.algos.flow import flow_sde_step_logprob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
-from tdpo.policy_base import FLOW_PIPELINES, PolicyBase, Trajectory, unwrap
+from tdpo.policy_base import FLOW_PIPELINES, PolicyBase, Trajectory, denoiser_dtype, unwrap
 
 T5_MAX_LENGTH = 256  # the pipeline's default max_sequence_length for T5 (zeros without T5)
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's default a
@@ -271,7 +271,7 @@ class FlowPolicy(PolicyBase):
             raise ValueError("a Stable Diffusion 3 policy needs the pooled text embeddings")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
-        dtype = unwrap(unet).dtype
+        dtype = denoiser_dtype(unet)
         if negative_embeds is None:
             return unet(
                 hidden_states=latents.to(dtype),

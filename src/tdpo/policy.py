@@ -28,6 +28,7 @@ from tdpo.policy_base import (  # noqa: F401  (re-exported: the project imports 
     FLOW_PIPELINES,
     PolicyBase,
     Trajectory,
+    denoiser_dtype,
     tokenize,
     unwrap,
 )
@@ -255,7 +256,7 @@ class DiffusionPolicy(PolicyBase):
         ``pooled`` / ``negative_pooled``: SDXL's pooled text embeddings (None otherwise)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
-        dtype = unwrap(unet).dtype
+        dtype = denoiser_dtype(unet)
         if negative_embeds is None:
             added = self._added_conditions(pooled, dtype)
             return unet(

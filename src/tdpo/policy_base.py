@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -150,3 +151,21 @@ def unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module"):
         module = module.module
     return module
+
+
+_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def denoiser_dtype(denoiser: nn.Module) -> torch.dtype:
+    """``unwrap(denoiser).dtype``, remembered per module: diffusers' ``ModelMixin.dtype`` walks
+    every submodule (2.7 ms a call on the shapes-world UNet with LoRA, about 5 % of a guided
+    pass), and the policy reads it on every denoiser pass. The entry is checked against its
+    first parameter's dtype, so a cast (``.to(dtype)``) is seen."""
+    model = unwrap(denoiser)
+    first = next(model.parameters(), None)
+    hit = _DTYPES.get(model)
+    if hit is not None and hit[0] is first and first is not None and hit[1] == first.dtype:
+        return hit[2]
+    dtype = model.dtype
+    _DTYPES[model] = (first, None if first is None else first.dtype, dtype)
+    return dtype
