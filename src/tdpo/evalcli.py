@@ -1,7 +1,8 @@
 """``tdpo eval``: score a pipeline plus an optional LoRA on prompts x seeds with one or more
 rewards, standalone (no run directory needed).
 
-Each image is sampled by the pipeline's own ``__call__`` (DDIM, ``output_type="pt"``) with its
+Each image is sampled by the pipeline's own ``__call__`` (``output_type="pt"``: DDIM for SD
+1.x/2.x and SDXL, the flow-matching Euler ODE for SD3, see :mod:`tdpo.samplecli`) with its
 own ``torch.Generator().manual_seed(seed)``, so an image depends only on (model, LoRA, prompt,
 seed, sampler options), not on the batch it was drawn in or on the other prompts: the same command
 gives the same numbers. Writes a JSON summary (per reward: mean, std over all images, and the
@@ -21,12 +22,14 @@ from tdpo.errors import UsageError
 from tdpo.fileio import check_output_file
 from tdpo.rewards import check_reward_name
 from tdpo.samplecli import (
+    SAMPLER_HELP,
     add_sampler_arguments,
     check_device,  # noqa: F401 - its home was here
     check_sampler_arguments,
     default_output,
     describe,
     load_sampler_pipeline,
+    resolve_sampler,
     setup_runtime,
 )
 
@@ -35,7 +38,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "eval",
         help="score a pipeline (+ LoRA) on prompts x seeds with one or more rewards",
-        description=(__doc__ or "").split("\n\n")[0].replace("``", "'"),
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "'") + " " + SAMPLER_HELP,
     )
     add_sampler_arguments(parser)
     parser.add_argument(
@@ -94,6 +97,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tdpo.sampling import iter_pipeline_images, score_images
 
     prompts, seeds = _check(args)
+    resolve_sampler(args)
     device, dtype = setup_runtime(args)
     print(describe(args, device, dtype), flush=True)
     start = time.time()

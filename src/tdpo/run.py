@@ -36,6 +36,7 @@ from tdpo.console import log_line, quiet_libraries
 from tdpo.errors import UsageError
 from tdpo.paths import check_pipeline_path
 from tdpo.prompts import load_prompts, prompt_set_specs
+from tdpo.results import describe_saved
 from tdpo.rewards import check_reward_name
 from tdpo.rewards.spec import check_factory_modules
 from tdpo.rundir import (
@@ -137,9 +138,14 @@ def check_run(config: Config, run_dir: Path, resume: bool) -> None:
 
 
 def check_hub_sources(config: Config, names: list[tuple[str, str]]) -> None:
-    """Offline or without a network: the Hub models of the run (its pipeline, its rewards) are
-    in the local cache or local folders, checked at once (no download, no retries)."""
-    from tdpo.backbones.sources import check_pipeline_available  # deferred: huggingface_hub
+    """Offline or without a network: the Hub models of the run (its pipeline, its rewards, the
+    critic's backbone when the method embeds images) are in the local cache or local folders,
+    checked at once (no download, no retries)."""
+    from tdpo.backbones.sources import (  # deferred: huggingface_hub
+        check_backbone_available,
+        check_pipeline_available,
+    )
+    from tdpo.methods import get_method
     from tdpo.paths import resolve_alias
     from tdpo.rewards.hub import check_reward_sources
 
@@ -147,6 +153,8 @@ def check_hub_sources(config: Config, names: list[tuple[str, str]]) -> None:
     check_pipeline_available(model, config.model.revision, "model.pretrained")
     for field, name in names:
         check_reward_sources(name, field)
+    if get_method(config.train.algorithm).uses_critic and config.critic.input in ("image", "x0"):
+        check_backbone_available(resolve_alias(config.critic.backbone), "critic.backbone")
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool = True) -> None:
@@ -228,7 +236,8 @@ def train(
     if trainer.is_main and code == 0:
         if resume:
             refresh_report(run_dir, log)
-        log(f"done: {run_dir} (LoRA in {run_dir / FINAL_DIR}, metrics in {run_dir / METRICS_FILE})")
+        saved = describe_saved(run_dir / FINAL_DIR)
+        log(f"done: {run_dir} ({saved}, metrics in {run_dir / METRICS_FILE})")
     return code
 
 

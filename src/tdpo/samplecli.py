@@ -2,9 +2,15 @@
 
 Shared with ``tdpo eval`` (one place): the sampler arguments, reading a run, and the runtime
 set-up. Given a run (``--lora runs/<name>``, or its ``final/`` or ``best/``), the model, the
-sampler (DDIM steps, guidance, eta) and the runtime (``cpu_threads``, ``mixed_precision``) come
-from the run's ``config.yaml`` unless given on the command line, and the output goes into the
-run folder unless ``--out`` is given. The image size is the model's own (as in training).
+sampler (steps, guidance, and DDIM's eta) and the runtime (``cpu_threads``, ``mixed_precision``)
+come from the run's ``config.yaml`` unless given on the command line, and the output goes into
+the run folder unless ``--out`` is given. The image size is the model's own (as in training).
+
+Images come from the pipeline's own ``__call__``: DDIM for SD 1.x/2.x and SDXL (the sampler of
+training), the flow-matching Euler ODE for SD3 (training samples with Flow-GRPO's SDE at
+``sample.noise_level``; its held-out evaluation too, for the KL: the ODE is that SDE at noise
+level 0, without the noise), which has no eta. ``tdpo sample`` never overwrites a file:
+``--out`` is a new or empty folder, and without it each call writes a new folder.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from tdpo.errors import UsageError
 from tdpo.fileio import check_output_folder
 from tdpo.paths import check_pipeline_path
 from tdpo.prompts import check_prompt, load_prompts
+from tdpo.results import LORA_FILE, check_saved_weights, load_weights
 from tdpo.rundir import (
     BEST_DIR,
     CHECKPOINTS_DIR,
@@ -28,9 +35,8 @@ from tdpo.rundir import (
     is_our_run,
 )
 
-MAX_STEPS = 1000  # a DDIM schedule cannot have more steps than the model's training timesteps
+MAX_STEPS = 1000  # a DDIM (or flow-matching) schedule cannot have more steps than the model's training timesteps
 MAX_CPU_THREADS = 1024  # as config.cpu_threads
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what a run's final/ and best/ hold
 EVAL_DIR = "eval"  # tdpo eval's summaries inside a run folder
 # Without a run: the paper's sampler (algorithm.md) and the runtime of config.py's defaults.
 DEFAULTS = {
@@ -40,6 +46,11 @@ DEFAULTS = {
     "cpu_threads": 1,
     "mixed_precision": "fp32",
 }
+SAMPLER_HELP = (
+    "Images come from the pipeline's own sampler: DDIM for SD 1.x/2.x and SDXL (as in "
+    "training), the flow-matching Euler ODE for SD3 (no eta; training and its held-out "
+    "evaluation use the SDE of sample.noise_level, whose noise-free limit this is)."
+)
 MODEL_HELP = (
     "the pipeline: a Hub id, a folder saved with save_pretrained, or shapes-world (the shipped "
     "shapes-world pipeline); default: the run's model.pretrained when --lora is a run"
@@ -66,7 +77,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        help="DDIM steps; " + run_or.format("sample.num_steps", DEFAULTS["steps"]),
+        help="sampling steps (DDIM, or SD3's flow-matching Euler); "
+        + run_or.format("sample.num_steps", DEFAULTS["steps"]),
     )
     parser.add_argument(
         "--guidance",
@@ -75,7 +87,10 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         + run_or.format("sample.guidance_scale", DEFAULTS["guidance"]),
     )
     parser.add_argument(
-        "--eta", type=float, help="DDIM eta; " + run_or.format("sample.eta", DEFAULTS["eta"])
+        "--eta",
+        type=float,
+        help="DDIM eta (SD 1.x/2.x, SDXL; SD3's ODE has none); "
+        + run_or.format("sample.eta", DEFAULTS["eta"]),
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
@@ -117,13 +132,7 @@ def find_run(lora: str | None) -> RunSource | None:
         run_dir, weights = path.parent, path
     else:
         return None
-    if not (weights / LORA_FILE).is_file() and not (weights / "unet" / "config.json").is_file():
-        raise UsageError(
-            "--lora",
-            lora,
-            f"{weights} holds neither {LORA_FILE} nor unet/ (a fully fine-tuned UNet); give a "
-            f"run folder, or its {FINAL_DIR}/ or {BEST_DIR}/",
-        )
+    check_saved_weights(weights, "--lora", lora)
     from tdpo.config import build_config, load_yaml  # deferred: the checks above are cheap
 
     try:
@@ -139,6 +148,7 @@ def apply_run_defaults(args: argparse.Namespace) -> RunSource | None:
     """Fill the sampler arguments left unset from the run of ``--lora`` (or the defaults without
     one): ``args.model``, ``steps``, ``guidance``, ``eta``, ``cpu_threads``, and
     ``args.mixed_precision``; ``args.lora`` becomes the weights folder. Returns the run."""
+    args.eta_given = getattr(args, "eta", None) is not None
     run = find_run(args.lora)
     if run is None and args.lora:
         check_lora_folder(args.lora)
@@ -207,14 +217,16 @@ def check_sampler_arguments(args: argparse.Namespace) -> tuple[list[str], list[i
 def default_output(run: RunSource | None, kind: str, fallback: str, suffix: str = "") -> Path:
     """Where a command writes without ``--out``: a new name inside the run folder
     (``samples/sample-final-<time>/``, ``eval/final-<time>.json``), never an existing one;
-    ``fallback`` without a run."""
-    if run is None:
-        return Path(fallback)
+    without a run, ``fallback`` for eval and a new ``<fallback>/sample-<time>/`` for sample."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = run.run_dir / (SAMPLES_DIR if kind == "sample" else EVAL_DIR)
-    stem = (
-        f"sample-{run.weights.name}-{stamp}" if kind == "sample" else f"{run.weights.name}-{stamp}"
-    )
+    if run is None:
+        if kind != "sample":
+            return Path(fallback)
+        folder, stem = Path(fallback), f"sample-{stamp}"
+    else:
+        folder = run.run_dir / (SAMPLES_DIR if kind == "sample" else EVAL_DIR)
+        weights = run.weights.name
+        stem = f"sample-{weights}-{stamp}" if kind == "sample" else f"{weights}-{stamp}"
     path, n = folder / f"{stem}{suffix}", 1
     while path.exists():
         n += 1
@@ -244,23 +256,6 @@ def check_lora_folder(path: str) -> None:
             path,
             f"no {LORA_FILE} in this folder; give a run folder, or its final/ or best/ folder",
         )
-
-
-def load_lora(pipe, path: str) -> None:
-    """Load the trained weights of :func:`check_lora_folder` (or of a run's final/ or best/:
-    a LoRA, or the fully fine-tuned UNet) into ``pipe``; UsageError if they cannot load."""
-    folder = Path(path).expanduser()
-    try:
-        if (folder / LORA_FILE).is_file():
-            pipe.load_lora_weights(str(folder))
-        else:
-            from diffusers import UNet2DConditionModel  # deferred: diffusers is heavy
-
-            unet = folder / "unet"
-            pipe.unet = UNet2DConditionModel.from_pretrained(unet, torch_dtype=pipe.unet.dtype)
-    except Exception as exc:  # a damaged or foreign file: safetensors, peft and diffusers errors
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UsageError("--lora", path, f"cannot load the trained weights ({first})") from None
 
 
 def check_device(text: str | None):
@@ -305,14 +300,54 @@ def setup_runtime(args: argparse.Namespace):
     return device, dtype
 
 
+def resolve_sampler(args: argparse.Namespace) -> None:
+    """The sampler of ``--model``'s pipeline class (read from its ``model_index.json``, before
+    the weights load): ``args.eta`` stays for a pipeline that takes DDIM's eta and becomes None
+    for one that does not (SD3: the flow-matching Euler ODE); an ``--eta`` given for such a
+    pipeline is a UsageError."""
+    from tdpo.backbones.sources import check_pipeline_available  # deferred: huggingface_hub
+    from tdpo.paths import resolve_alias
+
+    check_pipeline_available(resolve_alias(args.model), getattr(args, "revision", None), "--model")
+    import diffusers  # deferred: seconds to import
+
+    from tdpo.policy import pipeline_class
+    from tdpo.sampling import takes_eta
+
+    try:
+        name = pipeline_class(args.model, getattr(args, "revision", None))
+    except UsageError as exc:
+        if exc.field != "model.pretrained":
+            raise
+        raise UsageError("--model", args.model, exc.fix) from None
+    args.pipeline_class = name
+    if not takes_eta(getattr(diffusers, name)):
+        if getattr(args, "eta_given", False):
+            raise UsageError(
+                "--eta",
+                args.eta,
+                f"{args.model} is a {name}, whose sampler (the flow-matching Euler ODE) has no "
+                "eta; drop --eta",
+            )
+        args.eta = None
+
+
+def sampler_description(args: argparse.Namespace) -> str:
+    """The sampler in words: ``DDIM 20 steps, guidance 4, eta 1``, or for SD3 (no eta)
+    ``flow-matching Euler ODE 28 steps, guidance 4.5``."""
+    if args.eta is None:
+        return f"flow-matching Euler ODE {args.steps} steps, guidance {args.guidance:g}"
+    return f"DDIM {args.steps} steps, guidance {args.guidance:g}, eta {args.eta:g}"
+
+
 def load_sampler_pipeline(args: argparse.Namespace, device, dtype):
-    """The pipeline of ``--model`` (DDIM, as in training) with the weights of ``--lora``, on
-    ``device``."""
+    """The pipeline of ``--model`` (its training scheduler: DDIM, or SD3's flow-matching Euler)
+    with the weights of ``--lora`` (:func:`tdpo.results.load_weights`), on ``device``."""
     from tdpo.policy import load_pipeline  # deferred: diffusers
 
     pipe = load_pipeline(args.model, getattr(args, "revision", None), dtype)
     if args.lora:
-        load_lora(pipe, args.lora)
+        load_weights(pipe, args.lora, "--lora", args.lora)
     return pipe.to(device)
 
 
@@ -321,8 +356,8 @@ def describe(args: argparse.Namespace, device, dtype) -> str:
     run = f" (run {args.run.run_dir})" if getattr(args, "run", None) is not None else ""
     lora = f" + {args.lora}{run}" if args.lora else ""
     return (
-        f"sampling {args.model}{lora}: DDIM {args.steps} steps, guidance {args.guidance:g}, "
-        f"eta {args.eta:g}; {device}, {str(dtype).replace('torch.', '')}, "
+        f"sampling {args.model}{lora}: {sampler_description(args)}; "
+        f"{device}, {str(dtype).replace('torch.', '')}, "
         f"{args.cpu_threads or 'default'} CPU thread{'s' if args.cpu_threads != 1 else ''}"
     )
 
@@ -335,23 +370,38 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
         "With --lora a run folder (or its final/ or best/), the model, sampler and runtime "
         "come from the run's config.yaml, e.g.: tdpo sample --lora runs/<name> --prompt "
         '"a red circle". Without a run: --model ID_OR_PATH (shapes-world: the shipped '
-        "shapes-world pipeline).",
+        "shapes-world pipeline). " + SAMPLER_HELP,
     )
     add_sampler_arguments(sample)
     sample.add_argument(
         "--out",
         metavar="DIR",
-        help="output folder (default: a new samples/sample-<weights>-<time>/ in the run, "
-        "else ./samples)",
+        help="output folder, new or empty (an existing file is never overwritten): "
+        "p<prompt>_s<seed>.png and grid.png; default: a new samples/sample-<weights>-<time>/ "
+        "in the run, else a new ./samples/sample-<time>/",
     )
     sample.set_defaults(func=run_sample, loads_models=True)
     return sample
 
 
+def check_new_output_folder(path: Path, field: str = "--out") -> None:
+    """A folder ``tdpo sample`` may write its images into: new, or existing and empty (it never
+    overwrites a file); UsageError naming ``field``, the folder and the fix."""
+    check_output_folder(path, field)
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(
+            field,
+            str(path),
+            "this folder is not empty and tdpo sample never overwrites a file; give a new or "
+            "empty folder (or leave out --out for a new one)",
+        )
+
+
 def run_sample(args: argparse.Namespace) -> int:
     prompts, seeds = check_sampler_arguments(args)
-    out = Path(args.out) if args.out else default_output(args.run, "sample", "samples")
-    check_output_folder(out, "--out")
+    out = Path(args.out).expanduser() if args.out else default_output(args.run, "sample", "samples")
+    check_new_output_folder(out)
+    resolve_sampler(args)
     device, dtype = setup_runtime(args)
     # deferred: torch and diffusers load only once the arguments are known to be good
     import torch
@@ -371,7 +421,8 @@ def run_sample(args: argparse.Namespace) -> int:
         for (p_index, seed), image in zip(chunk, batch):
             images.append(image)
             captions.append(f"{prompts[p_index]} (seed {seed})")
-            to_pil(image).save(out / f"p{p_index:03d}_s{seed}.png")
+            with open(out / f"p{p_index:03d}_s{seed}.png", "xb") as file:  # never overwrite
+                to_pil(image).save(file, format="PNG")
     grid = save_grid(torch.stack(images), captions, out / "grid.png")
     print(f"wrote {len(images)} images and {grid} in {time.time() - start:.1f} s")
     return 0

@@ -8,6 +8,7 @@ this module imports nothing of theirs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,31 +90,49 @@ def score_images(
     }
 
 
+def takes_eta(pipeline) -> bool:
+    """Whether the pipeline's ``__call__`` (a pipeline or its class) takes DDIM's ``eta``: SD
+    1.x/2.x and SDXL do; SD3's flow-matching Euler sampler (an ODE) has none."""
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    return "eta" in inspect.signature(cls.__call__).parameters
+
+
+def pipeline_sampler_kwargs(pipeline, steps: int, guidance: float, eta: float | None) -> dict:
+    """The sampler options as keywords of ``pipeline(...)`` (a pipeline or its class), only
+    those its ``__call__`` accepts: ``num_inference_steps``, ``guidance_scale``, and ``eta``
+    where the pipeline takes one (:func:`takes_eta`). The one place that decides it, for
+    ``tdpo sample``, ``tdpo eval`` and ``tdpo.sampler_settings``."""
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance}
+    if eta is not None and takes_eta(pipeline):
+        kwargs["eta"] = eta
+    return kwargs
+
+
 def iter_pipeline_images(
     pipe,
     prompts: list[str],
     seeds: list[int],
     steps: int,
     guidance: float,
-    eta: float,
+    eta: float | None,
     batch_size: int,
 ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
-    """Sample ``pipe`` (its own ``__call__``) at every (prompt, seed): yields batches of
+    """Sample ``pipe`` (its own ``__call__``: DDIM for SD 1.x/2.x and SDXL, the flow-matching
+    Euler ODE for SD3, which takes no ``eta``) at every (prompt, seed): yields batches of
     ``([(prompt_index, seed), ...], images [b, 3, H, W] in [0, 1])``.
 
     Each image has its own ``torch.Generator().manual_seed(seed)``, so an image depends only on
     (model, LoRA, prompt, seed, sampler options), not on the batch it was drawn in.
     """
+    options = pipeline_sampler_kwargs(pipe, steps, guidance, eta)
     items = [(p, s) for p in range(len(prompts)) for s in seeds]
     for lo in range(0, len(items), batch_size):
         chunk = items[lo : lo + batch_size]
         with torch.no_grad():
             images = pipe(
                 [prompts[p] for p, _ in chunk],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                eta=eta,
                 generator=[torch.Generator().manual_seed(s) for _, s in chunk],
                 output_type="pt",
+                **options,
             ).images
         yield chunk, images.float().clamp(0, 1).cpu()

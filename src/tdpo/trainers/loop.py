@@ -36,6 +36,7 @@ from tdpo.images import save_grid
 from tdpo.methods import get_method
 from tdpo.policy import DiffusionPolicy, unwrap
 from tdpo.prompts import PromptSampler, load_prompts
+from tdpo.results import describe_saved
 from tdpo.rewards import build_reward
 from tdpo.rundir import BEST_DIR, FINAL_DIR, SAMPLES_DIR
 from tdpo.sampling import derive_seed, score_images
@@ -465,7 +466,7 @@ class Trainer:
                 self.log(
                     f"early stop: {cfg.eval.monitor} did not improve for "
                     f"{cfg.eval.patience} evaluations (best {self.best_monitor:.4f}, "
-                    f"LoRA in {self.run_dir / BEST_DIR})"
+                    f"{describe_saved(self.run_dir / BEST_DIR)})"
                 )
                 self.save()
             self.save_final()
