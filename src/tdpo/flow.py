@@ -23,6 +23,7 @@ treat it as SD's UNet. The LoRA exports for ``StableDiffusion3Pipeline.load_lora
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -37,13 +38,17 @@ T5_MAX_LENGTH = 256  # the pipeline's default max_sequence_length for T5 (zeros 
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's default a
 
 
-def _absent_components(location: str, revision: str | None) -> dict[str, None]:
+def _absent_components(
+    location: str, revision: str | None, local_files_only: bool = False
+) -> dict[str, None]:
     """``{name: None}`` for the pipeline's components saved as null in ``model_index.json``
     (e.g. T5 saved as ``text_encoder_3=None``): ``from_pretrained`` refuses a folder without
     them unless they are passed as None."""
     from diffusers import DiffusionPipeline  # deferred: seconds to import
 
-    config = DiffusionPipeline.load_config(location, revision=revision)
+    config = DiffusionPipeline.load_config(
+        location, revision=revision, local_files_only=local_files_only
+    )
     if config.get("_class_name") not in FLOW_PIPELINES:
         raise ValueError(f"{location} is a {config.get('_class_name')}, not a flow pipeline")
     return {
@@ -53,14 +58,21 @@ def _absent_components(location: str, revision: str | None) -> dict[str, None]:
     }
 
 
-def load_flow_pipeline(location: str, revision: str | None = None, dtype=torch.float32):
+def load_flow_pipeline(
+    location: str, revision: str | None = None, dtype=torch.float32, local_files_only=False
+):
     """``StableDiffusion3Pipeline.from_pretrained`` of a folder or Hub id, absent components
-    (T5) passed as None, with a ``FlowMatchEulerDiscreteScheduler`` and no progress bar."""
+    (T5) passed as None, with a ``FlowMatchEulerDiscreteScheduler`` and no progress bar.
+    ``local_files_only``: read the local Hugging Face cache only (the Hub cannot be reached)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    absent = _absent_components(location, revision)
+    absent = _absent_components(location, revision, local_files_only)
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        location, revision=revision, torch_dtype=dtype, **absent
+        location,
+        revision=revision,
+        torch_dtype=dtype,
+        local_files_only=local_files_only,
+        **absent,
     )
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -107,10 +119,16 @@ class FlowPolicy(PolicyBase):
         from tdpo.paths import resolve_alias
 
         location = resolve_alias(model_cfg.pretrained)
+        hub = contextlib.nullcontext(False)
         if Path(location).expanduser().is_dir():
             location = str(Path(location).expanduser())
+        else:  # a Hub id: the local cache only when the Hub cannot be reached (no retries)
+            from tdpo.backbones.sources import cache_only_unless_reachable
+
+            hub = cache_only_unless_reachable()
         try:
-            pipe = load_flow_pipeline(location, model_cfg.revision, dtype)
+            with hub as cache_only:
+                pipe = load_flow_pipeline(location, model_cfg.revision, dtype, cache_only)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(

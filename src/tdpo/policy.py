@@ -53,6 +53,20 @@ def _location(spec: str) -> str:
     return str(Path(spec).expanduser()) if looks_like_path(spec) else spec
 
 
+def _hub_access(spec: str):
+    """Around a load of ``spec``: a folder needs no Hub; a Hub id reads the local cache only
+    when the Hub cannot be reached (:func:`tdpo.backbones.sources.cache_only_unless_reachable`,
+    shared with the rewards), so that a cached pipeline loads at once and a missing one fails
+    at once, not after huggingface_hub's retries. Yields ``local_files_only``."""
+    import contextlib
+
+    if looks_like_path(resolve_alias(spec)):
+        return contextlib.nullcontext(False)
+    from tdpo.backbones.sources import cache_only_unless_reachable  # deferred: huggingface_hub
+
+    return cache_only_unless_reachable()
+
+
 def pipeline_class(spec: str, revision: str | None = None) -> str:
     """The pipeline class named in ``model_index.json`` (Hub id or folder; only that file is
     read); a UsageError unless it is one tdpo fine-tunes."""
@@ -61,9 +75,11 @@ def pipeline_class(spec: str, revision: str | None = None) -> str:
     spec = resolve_alias(spec)
     check_pipeline_path(spec)
     try:
-        class_name = DiffusionPipeline.load_config(_location(spec), revision=revision).get(
-            "_class_name"
-        )
+        with _hub_access(spec) as cache_only:
+            config = DiffusionPipeline.load_config(
+                _location(spec), revision=revision, local_files_only=cache_only
+            )
+        class_name = config.get("_class_name")
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from None
     if class_name not in SUPPORTED_PIPELINES:
@@ -92,13 +108,19 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
         from tdpo.flow import load_flow_pipeline  # deferred: only for flow models
 
         try:
-            return load_flow_pipeline(_location(spec), revision, dtype)
+            with _hub_access(spec) as cache_only:
+                return load_flow_pipeline(_location(spec), revision, dtype, cache_only)
         except (OSError, ValueError) as exc:
             raise _load_error(spec, exc) from None
     try:
-        pipe = getattr(diffusers, class_name).from_pretrained(
-            _location(spec), revision=revision, torch_dtype=dtype, **extra
-        )
+        with _hub_access(spec) as cache_only:
+            pipe = getattr(diffusers, class_name).from_pretrained(
+                _location(spec),
+                revision=revision,
+                torch_dtype=dtype,
+                local_files_only=cache_only,
+                **extra,
+            )
     except (OSError, ValueError) as exc:
         raise _load_error(spec, exc) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

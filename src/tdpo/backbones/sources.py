@@ -160,19 +160,21 @@ def hub_reachable() -> bool:
 
 
 @contextlib.contextmanager
-def cache_only_unless_reachable() -> Iterator[None]:
+def cache_only_unless_reachable() -> Iterator[bool]:
     """Within: when the Hub cannot be reached (:func:`hub_reachable`), huggingface_hub, and so
     transformers and diffusers, read the local cache only, so that a missing file fails at once
-    instead of after huggingface_hub's retries (five, about 30 s)."""
+    (and a cached one loads at once) instead of after huggingface_hub's retries (five, about
+    30 s; without end against an endpoint that accepts and never answers). Yields whether it
+    does: pass it on as ``from_pretrained(..., local_files_only=...)``."""
     if hub_reachable():
-        yield
+        yield False
         return
     from huggingface_hub import constants  # deferred: heavy to import
 
     before = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True  # read at each call (is_offline_mode)
     try:
-        yield
+        yield True
     finally:
         constants.HF_HUB_OFFLINE = before
 
@@ -237,6 +239,48 @@ def check_pipeline_available(spec: str, revision: str | None, field: str) -> Non
         "cache, and "
         f"{_why_unreachable()}: {online} `hf download {spec}` once, or give a "
         "local pipeline folder",
+    )
+
+
+# critic.backbone's named specs (tdpo.backbones.load_image_embedder) -> the sources they load.
+BACKBONE_SOURCES: dict[str, tuple[str, ...]] = {
+    "clip": ("clip_l14",),
+    "clip-vit-l-14": ("clip_l14",),
+    "clip_vit_l14": ("clip_l14",),
+    "aesthetic": ("clip_l14",),
+    "pickscore": ("pickscore_model", "pickscore_processor"),
+    "hpsv2": ("hpsv2_checkpoint",),
+    "hpsv2.1": ("hpsv2_checkpoint",),
+    "hps": ("hpsv2_checkpoint",),
+}
+
+
+def check_backbone_available(spec: str, field: str = "critic.backbone") -> None:
+    """The offline check of a critic backbone spec (``clip``, ``pickscore``, ``hpsv2``, a Hub id
+    or ``hf:<id>``): its models reachable or cached, as :func:`check_available`; a local folder
+    or an ``open_clip:`` checkpoint file is checked when it loads. UsageError naming ``field``
+    and ``spec``, before anything loads."""
+    if not isinstance(spec, str) or not spec.strip():
+        return  # the loader's own error names the accepted specs
+    key = spec.strip().lower()
+    if key in BACKBONE_SOURCES:
+        for name in BACKBONE_SOURCES[key]:
+            check_available(name, field, spec)
+        return
+    if key.startswith("open_clip:"):
+        return
+    repo_id = spec.strip()[3:] if key.startswith("hf:") else spec.strip()
+    if is_local(repo_id) or repo_id.count("/") != 1 or hub_reachable():
+        return
+    if hub_cached(repo_id, "config.json"):
+        return
+    online = "unset HF_HUB_OFFLINE and run" if hub_offline() else "run where the Hub is reachable"
+    raise UsageError(
+        field,
+        spec,
+        f"needs {repo_id}/config.json, which is not in the local Hugging Face cache, and "
+        f"{_why_unreachable()}: {online} `hf download {repo_id}` once, or give a local CLIP "
+        "model folder",
     )
 
 
