@@ -487,7 +487,10 @@ def make_report(plan: list[PlannedRun], out: Path, log) -> None:
         return
     try:
         build_report(dirs, out / "report", log=log)
-        finished = [(r.method, r.seed, out / r.name) for r in plan if out / r.name in dirs]
+        # claims only from finished runs (a run in progress has no final/ yet)
+        finished = [
+            (r.method, r.seed, out / r.name) for r in plan if (out / r.name / FINAL_DIR).is_dir()
+        ]
         log(f"claims: {write_claims(finished, out / 'report')}")
     except UsageError as exc:
         log(f"report not written: {exc}")

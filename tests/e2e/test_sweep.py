@@ -83,6 +83,9 @@ def test_sweep_resumes_after_a_crash_and_skips_finished_runs(
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert {m["method"] for g in summary["groups"] for m in g["methods"]} == {"DDPO-4", "DDPO-2"}
     assert (out / "report" / "index.html").is_file()
+    claims = json.loads((out / "report" / "claims.json").read_text())
+    assert set(claims["methods"]) == {"ddpo-2", "ddpo-4"}  # the finished runs, by sweep name
+    assert all(c["verdict"] == "not run" for c in claims["claims"])  # no TDPO in this sweep
     assert "resuming" in (out / "sweep.log").read_text()
 
 
