@@ -6,7 +6,9 @@ Each image is sampled by the pipeline's own ``__call__`` (``output_type="pt"``: 
 own ``torch.Generator().manual_seed(seed)``, so an image depends only on (model, LoRA, prompt,
 seed, sampler options), not on the batch it was drawn in or on the other prompts: the same command
 gives the same numbers. Writes a JSON summary (per reward: mean, std over all images, and the
-mean per prompt; every image's scores) and prints a table.
+mean per prompt; every image's scores) and prints a table. ``tdpo eval`` never overwrites a
+file: ``--out`` (and ``--grid``) must name a new file, and without ``--out`` each call writes a
+new one.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         metavar="FILE.json",
-        help="JSON summary (default: a new eval/<weights>-<time>.json in the run, else eval.json)",
+        help="JSON summary, a new file (an existing file is never overwritten); default: a new "
+        "eval/<weights>-<time>.json in the run, else a new ./eval-<time>.json",
     )
-    parser.add_argument("--grid", metavar="FILE.png", help="also save a grid of the images")
+    parser.add_argument(
+        "--grid", metavar="FILE.png", help="also save a grid of the images (a new file)"
+    )
     return parser
 
 
@@ -70,13 +75,25 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     for name in args.reward:
         check_reward_sources(name, "--reward")
     if args.out is None:
-        args.out = str(default_output(args.run, "eval", "eval.json", ".json"))
+        args.out = str(default_output(args.run, "eval", ".", ".json"))
     if not str(args.out).endswith(".json"):
         raise UsageError("--out", args.out, "name a .json file")
-    check_output_file(args.out, "--out")
+    check_new_output_file(args.out, "--out", " (or leave out --out for a new one)")
     if args.grid:
-        check_output_file(args.grid, "--grid")
+        check_new_output_file(args.grid, "--grid")
     return prompts, seeds
+
+
+def check_new_output_file(path: str, field: str, also: str = "") -> None:
+    """A file ``tdpo eval`` may write: not there yet (it never overwrites a file), its folder
+    there or creatable; UsageError naming ``field``, the value and the fix."""
+    check_output_file(path, field)
+    if Path(path).expanduser().exists():
+        raise UsageError(
+            field,
+            path,
+            "this file exists and tdpo eval never overwrites a file; give a new file name" + also,
+        )
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -190,9 +207,19 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     summary = _json_safe(evaluate(args))
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     print(format_table(summary))
+    try:
+        with open(out, "x", encoding="utf-8") as file:  # never overwrite (checked before, too)
+            file.write(text)
+    except FileExistsError:
+        raise UsageError(
+            "--out",
+            args.out,
+            "this file was created while tdpo eval ran and is left as it was; run again with "
+            "a new file name",
+        ) from None
     print(f"wrote {out}")
     return 0

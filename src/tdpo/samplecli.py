@@ -215,14 +215,12 @@ def check_sampler_arguments(args: argparse.Namespace) -> tuple[list[str], list[i
 
 
 def default_output(run: RunSource | None, kind: str, fallback: str, suffix: str = "") -> Path:
-    """Where a command writes without ``--out``: a new name inside the run folder
-    (``samples/sample-final-<time>/``, ``eval/final-<time>.json``), never an existing one;
-    without a run, ``fallback`` for eval and a new ``<fallback>/sample-<time>/`` for sample."""
+    """Where a command writes without ``--out``: a new name, never an existing one, inside the
+    run folder (``samples/sample-final-<time>/``, ``eval/final-<time>.json``), or without a run
+    in the folder ``fallback`` (``samples/sample-<time>/``, ``./eval-<time>.json``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if run is None:
-        if kind != "sample":
-            return Path(fallback)
-        folder, stem = Path(fallback), f"sample-{stamp}"
+        folder, stem = Path(fallback), f"{kind}-{stamp}"
     else:
         folder = run.run_dir / (SAMPLES_DIR if kind == "sample" else EVAL_DIR)
         weights = run.weights.name

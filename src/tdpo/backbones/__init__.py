@@ -72,7 +72,9 @@ __all__ = [
 
 
 def load_image_embedder(spec: str, device="cpu", dtype=torch.float32) -> ImageEmbedder:
-    """Build a frozen image embedder from a spec (see the module docstring)."""
+    """Build a frozen image embedder from a spec (see the module docstring). Hub models read the
+    local cache only when the Hub cannot be reached (:func:`sources.hub_access`): a cached model
+    loads at once, a missing one fails at once, not after huggingface_hub's retries."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(
             FIELD,
@@ -82,26 +84,7 @@ def load_image_embedder(spec: str, device="cpu", dtype=torch.float32) -> ImageEm
         )
     spec = spec.strip()
     key = spec.lower()
-    if key in ("clip", "clip-vit-l-14", "clip_vit_l14", "aesthetic"):
-        return load_hf_clip_embedder(sources.resolve("clip_l14"), device, dtype, name=spec)
-    if key == "pickscore":
-        return load_hf_clip_embedder(
-            sources.resolve("pickscore_model"),
-            device,
-            dtype,
-            processor_spec=sources.resolve("pickscore_processor"),
-            name=spec,
-        )
-    if key in ("hpsv2", "hpsv2.1", "hps"):
-        return load_open_clip_embedder(
-            "ViT-H-14",
-            sources.resolve("hpsv2_checkpoint"),
-            device,
-            dtype,
-            field_name=FIELD,
-            name=spec,
-        )
-    if key.startswith("open_clip:"):
+    if key.startswith("open_clip:"):  # a local checkpoint file: no Hub
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
             raise UsageError(
@@ -113,6 +96,16 @@ def load_image_embedder(spec: str, device="cpu", dtype=torch.float32) -> ImageEm
         return load_open_clip_embedder(
             parts[1], parts[2], device, dtype, field_name=FIELD, name=spec
         )
-    if key.startswith("hf:"):
-        spec = spec[3:]
-    return load_hf_clip_embedder(spec, device, dtype)
+    backbone = sources.BACKBONES.get(key)
+    if backbone is None:  # hf:<id or folder>, or a bare Hub id or folder
+        location = spec[3:] if key.startswith("hf:") else spec
+        with sources.hub_access(location):
+            return load_hf_clip_embedder(location, device, dtype)
+    model = sources.resolve(backbone.model)
+    processor = sources.resolve(backbone.processor) if backbone.processor else None
+    with sources.hub_access(model, *([processor] if processor else [])):
+        if backbone.open_clip_arch:
+            return load_open_clip_embedder(
+                backbone.open_clip_arch, model, device, dtype, field_name=FIELD, name=spec
+            )
+        return load_hf_clip_embedder(model, device, dtype, processor_spec=processor, name=spec)

@@ -179,6 +179,15 @@ def cache_only_unless_reachable() -> Iterator[bool]:
         constants.HF_HUB_OFFLINE = before
 
 
+def hub_access(*specs: str) -> contextlib.AbstractContextManager[bool]:
+    """Around the loads of ``specs`` (Hub ids, ``hub:<repo>/<file>`` or local paths):
+    :func:`cache_only_unless_reachable` when one of them is on the Hub; nothing (no probe of the
+    Hub) when all are local. Yields ``local_files_only``."""
+    if all(is_local(spec) for spec in specs):
+        return contextlib.nullcontext(False)
+    return cache_only_unless_reachable()
+
+
 def _why_unreachable() -> str:
     if hub_offline():
         return "the Hub is offline (HF_HUB_OFFLINE=1)"
@@ -242,16 +251,33 @@ def check_pipeline_available(spec: str, revision: str | None, field: str) -> Non
     )
 
 
-# critic.backbone's named specs (tdpo.backbones.load_image_embedder) -> the sources they load.
-BACKBONE_SOURCES: dict[str, tuple[str, ...]] = {
-    "clip": ("clip_l14",),
-    "clip-vit-l-14": ("clip_l14",),
-    "clip_vit_l14": ("clip_l14",),
-    "aesthetic": ("clip_l14",),
-    "pickscore": ("pickscore_model", "pickscore_processor"),
-    "hpsv2": ("hpsv2_checkpoint",),
-    "hpsv2.1": ("hpsv2_checkpoint",),
-    "hps": ("hpsv2_checkpoint",),
+@dataclass(frozen=True)
+class Backbone:
+    """A named ``critic.backbone`` spec: the sources (:data:`SOURCES`) it loads."""
+
+    model: str  # the image tower: a transformers CLIP model, or an open_clip checkpoint file
+    processor: str | None = None  # its image processor, when it is not the model's own
+    open_clip_arch: str | None = None  # set when ``model`` is an open_clip checkpoint
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.model,) + ((self.processor,) if self.processor else ())
+
+
+_CLIP_L14 = Backbone("clip_l14")
+_PICKSCORE = Backbone("pickscore_model", processor="pickscore_processor")
+_HPSV2 = Backbone("hpsv2_checkpoint", open_clip_arch="ViT-H-14")
+# critic.backbone's named specs (lower case), the one list for tdpo.backbones.load_image_embedder
+# and the offline check (check_backbone_available).
+BACKBONES: dict[str, Backbone] = {
+    "clip": _CLIP_L14,
+    "clip-vit-l-14": _CLIP_L14,
+    "clip_vit_l14": _CLIP_L14,
+    "aesthetic": _CLIP_L14,
+    "pickscore": _PICKSCORE,
+    "hpsv2": _HPSV2,
+    "hpsv2.1": _HPSV2,
+    "hps": _HPSV2,
 }
 
 
@@ -263,8 +289,8 @@ def check_backbone_available(spec: str, field: str = "critic.backbone") -> None:
     if not isinstance(spec, str) or not spec.strip():
         return  # the loader's own error names the accepted specs
     key = spec.strip().lower()
-    if key in BACKBONE_SOURCES:
-        for name in BACKBONE_SOURCES[key]:
+    if key in BACKBONES:
+        for name in BACKBONES[key].sources:
             check_available(name, field, spec)
         return
     if key.startswith("open_clip:"):
