@@ -6,15 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from tdpo.errors import UsageError
-from tdpo.world import CLIP_DIR, PIPELINE_DIR
+from tdpo.world import CLIP_DIR, FLOW_PIPELINE_DIR, PIPELINE_DIR
 
 
 def resolve_alias(spec: str) -> str:
-    """Names of the shipped shapes world: ``shapes-world`` (the pipeline folder) and
-    ``shapes-clip`` (its tiny CLIP); anything else is returned unchanged."""
-    if spec in ("shapes-world", "shapes-clip"):
-        return str(PIPELINE_DIR if spec == "shapes-world" else CLIP_DIR)
-    return spec
+    """Names of the shipped shapes world: ``shapes-world`` (the pipeline folder),
+    ``shapes-flow`` (the flow world's ``StableDiffusion3Pipeline`` folder) and ``shapes-clip``
+    (its tiny CLIP); anything else is returned unchanged."""
+    aliases = {
+        "shapes-world": PIPELINE_DIR,
+        "shapes-flow": FLOW_PIPELINE_DIR,
+        "shapes-clip": CLIP_DIR,
+    }
+    return str(aliases[spec]) if spec in aliases else spec
 
 
 def looks_like_path(spec: str) -> bool:

@@ -32,10 +32,19 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
         "OUT/rewards into src/tdpo/world/weights/ to ship them.",
     )
     pre.add_argument(
+        "--family",
+        choices=("sd", "flow"),
+        default="sd",
+        help="sd (default): the StableDiffusionPipeline world; flow: a tiny "
+        "StableDiffusion3Pipeline (rectified flow) on the shipped SD world's VAE, tokenizer, "
+        "data, tiny CLIP and rewards (stages latents, transformer, report; "
+        "figures in OUT/flow_report.json; ship OUT/pipeline as src/tdpo/world/weights/flow)",
+    )
+    pre.add_argument(
         "--out",
-        default="shapes_world",
+        default=None,
         metavar="DIR",
-        help="output directory (default: ./shapes_world)",
+        help="output directory (default: ./shapes_world, ./shapes_world_flow for --family flow)",
     )
     pre.add_argument(
         "--steps-scale",
@@ -66,6 +75,13 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument(
         "--samples", type=int, default=256, help="base-model samples per prompt set (default 256)"
     )
+    ev.add_argument(
+        "--family",
+        choices=("sd", "flow"),
+        default="sd",
+        help="flow: evaluate the flow world's StableDiffusion3Pipeline (--model: its folder; "
+        "default: the shipped shapes-flow) with the shipped tiny CLIP and rewards",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, metavar="FILE", help="also write the figures here")
     ev.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -76,12 +92,22 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 def _print_report(report: dict) -> None:
     print("shapes world figures")
     s = report.get("sampler", {})
-    print(
-        f"  sampler: {s.get('steps')} DDIM steps, guidance {s.get('guidance')}, eta {s.get('eta')}"
-    )
-    for name, g in report.get("gold", {}).items():
+    if "ode" in s:  # the flow world
+        o, d = s["ode"], s["sde"]
         print(
-            f"  gold {name:12s} n={g.get('n')}: alignment {g['alignment']:.3f} "
+            f"  sampler: the pipeline's {o['steps']} Euler steps, guidance {o['guidance']} "
+            f"(gold); tdpo's SDE, noise level {d['noise_level']} (gold_sde)"
+        )
+    else:
+        print(
+            f"  sampler: {s.get('steps')} DDIM steps, guidance {s.get('guidance')}, "
+            f"eta {s.get('eta')}"
+        )
+    golds = [(f"gold {k}", v) for k, v in report.get("gold", {}).items()]
+    golds += [(f"gold_sde {k}", v) for k, v in report.get("gold_sde", {}).items()]
+    for name, g in golds:
+        print(
+            f"  {name:16s} n={g.get('n')}: alignment {g['alignment']:.3f} "
             f"(shape {g['shape']:.2f} colour {g['colour']:.2f} size {g['size']:.2f} "
             f"background {g['background']:.2f}), aesthetic {g['aesthetic']:.3f}, "
             f"gold {g['gold']:.3f}"
@@ -122,9 +148,26 @@ def run_world(args: argparse.Namespace) -> int:
         args.world_parser.print_help()
         return 2
     torch.set_num_threads(max(1, args.threads))
+    if cmd == "pretrain" and args.family == "flow":
+        from tdpo.world.flow_pretrain import run_flow_pretrain  # deferred: imports torch
+
+        out = Path(args.out or "shapes_world_flow")
+        t0 = time.time()
+        run_flow_pretrain(
+            out, args.steps_scale, args.seed, quiet=args.quiet, num_threads=max(1, args.threads)
+        )
+        report_path = out / "flow_report.json"
+        print(
+            f"[world] flow pre-training finished in {time.time() - t0:.1f} s; figures in "
+            f"{report_path}"
+        )
+        if report_path.exists() and not args.quiet:
+            _print_report(json.loads(report_path.read_text()))
+        return 0
     if cmd == "pretrain":
         from tdpo.world.pretrain import run_pretrain  # deferred: imports torch
 
+        args.out = args.out or "shapes_world"
         t0 = time.time()
         run_pretrain(
             args.out,
@@ -144,6 +187,23 @@ def run_world(args: argparse.Namespace) -> int:
     if cmd == "evaluate":
         from tdpo.world.evaluate import evaluate_world  # deferred: imports torch
 
+        if args.family == "flow":
+            from tdpo.world import FLOW_PIPELINE_DIR
+            from tdpo.world.flow_pretrain import evaluate_flow_world
+
+            folder = Path(args.model) if args.model else FLOW_PIPELINE_DIR
+            if not (folder / "model_index.json").is_file():
+                print(
+                    f"tdpo world evaluate: --model {folder}: no model_index.json there; give the "
+                    "flow world's pipeline folder (OUT/pipeline of --family flow)",
+                    file=sys.stderr,
+                )
+                return 2
+            report = evaluate_flow_world(folder, n=args.samples, seed=args.seed)
+            _print_report(report)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
+            return 0
         root = Path(args.model) if args.model else WEIGHTS_DIR
         if not (root / "pipeline").is_dir():
             print(f"tdpo world evaluate: no pipeline/ under {root}", file=sys.stderr)

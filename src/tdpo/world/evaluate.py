@@ -128,13 +128,17 @@ def evaluate_world(
     retrieval_images: int = 1200,
     hack_images: int = 64,
     hack_steps: int = 100,
+    pipeline_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """All the world's figures for a weights directory (``pipeline/``, ``clip/``, ``rewards/``).
 
     ``samples`` (as cached by pre-training: ``eval_seen``, ``eval_unseen``, ``clean``, each with
     uint8 ``images`` and ``prompts``) avoids re-sampling; otherwise ``n`` base samples of seen
-    and of unseen prompts are drawn with the default sampler settings."""
+    and of unseen prompts are drawn with the default sampler settings. ``retrieval_images`` 0
+    skips the CLIP retrieval; ``pipeline_dir`` (default ``weights_dir/pipeline``) is the base
+    model whose size is reported (the flow world's pipeline lives elsewhere)."""
     root = Path(weights_dir)
+    pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else root / "pipeline"
     if samples is None:
         pipe = load_pipeline(root / "pipeline")
         samples = {}
@@ -160,7 +164,8 @@ def evaluate_world(
         "gold": {k: dict(gold_summary(*v), n=len(v[1])) for k, v in sets.items()},
     }
     feats = ClipFeatures.from_pretrained(root / "clip")
-    report["clip_retrieval"] = clip_retrieval(feats, n=retrieval_images)
+    if retrieval_images:
+        report["clip_retrieval"] = clip_retrieval(feats, n=retrieval_images)
     rewards = {}
     for name in LEARNED:
         if (root / "rewards" / f"{name}.safetensors").exists():
@@ -176,9 +181,8 @@ def evaluate_world(
         report["pixel_hack"] = {
             name: pixel_hack(r, x, p, steps=hack_steps) for name, r in rewards.items()
         }
-    report["sizes_bytes"] = {
-        d: _dir_bytes(root / d) for d in ("pipeline", "clip", "rewards") if (root / d).exists()
-    }
+    dirs = {"pipeline": pipeline_dir, "clip": root / "clip", "rewards": root / "rewards"}
+    report["sizes_bytes"] = {d: _dir_bytes(p) for d, p in dirs.items() if p.exists()}
     return report
 
 
