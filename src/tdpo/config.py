@@ -38,7 +38,8 @@ class ModelConfig:
     pretrained: str = _f(
         "shapes-world",
         "Stable Diffusion 1.x/2.x, SDXL or Stable Diffusion 3 pipeline: a Hub id or a folder saved "
-        "with save_pretrained (shapes-world = the embedded shapes world).",
+        "with save_pretrained (shapes-world = the embedded shapes world; shapes-flow = its "
+        "rectified-flow, SD3-style counterpart, docs/shapes_world.md).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pipeline.")
     finetune: Literal["lora", "full"] = _f(
