@@ -12,7 +12,8 @@ and noise at every evaluation, so a change is the model's, not the draw's):
   seeds on which the difference is positive.
 
 A claim **holds** when the interval of its comparison lies above 0, is **contradicted** when it
-lies below 0, and is **not shown** otherwise (the experiment could not separate the methods).
+lies below 0, and is **not shown** otherwise (the experiment could not separate the methods) or
+with fewer than 3 paired seeds.
 With 5 seeds a percentile bootstrap is narrow rather than conservative; the per-seed counts are
 printed beside it for that reason.
 """
@@ -33,6 +34,7 @@ from tdpo.report import Run, load_run, value_at_level
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
+MIN_SEEDS = 3  # fewer paired seeds give no verdict (2 values make a degenerate bootstrap)
 
 
 def bootstrap_ci(values: list[float], samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
@@ -66,8 +68,8 @@ class Estimate:
         return cls(mean, low, high, len(x), sum(v > 0 for v in x), len(values))
 
     def verdict(self) -> str:
-        if self.n < 2:
-            return "not shown (fewer than 2 seeds)"
+        if self.n < MIN_SEEDS:
+            return f"not shown ({self.n} seed{'s' * (self.n != 1)}; a verdict needs {MIN_SEEDS})"
         if self.low > 0:
             return "holds"
         if self.high < 0:
@@ -351,7 +353,8 @@ def claims_markdown(runs: SweepRuns) -> str:
         "Changes from the base model (epoch 0) to the last evaluation on held-out prompts with "
         f"fixed noise; mean over seeds [{CONFIDENCE:.0%} bootstrap interval]. A comparison pairs "
         "runs by seed; it holds when its interval lies above 0, is contradicted below 0, and is "
-        "not shown otherwise. Definitions: `tdpo.claims`.",
+        f"not shown otherwise or with fewer than {MIN_SEEDS} paired seeds. Definitions: "
+        "`tdpo.claims`.",
         "",
         "| claim | comparison | quantity | difference | verdict |",
         "|---|---|---|---|---|",

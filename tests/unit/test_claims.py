@@ -62,7 +62,8 @@ def test_estimate_verdicts_follow_the_interval():
     assert Estimate.of([0.1, 0.2, 0.15]).verdict() == "holds"
     assert Estimate.of([-0.1, -0.2, -0.15]).verdict() == "contradicted"
     assert Estimate.of([-0.1, 0.2, 0.0]).verdict() == "not shown"
-    assert Estimate.of([0.3]).verdict().startswith("not shown (fewer than 2")
+    assert Estimate.of([0.3]).verdict() == "not shown (1 seed; a verdict needs 3)"
+    assert Estimate.of([0.3, 0.4]).verdict().startswith("not shown (2 seeds")
     never = Estimate.of([math.nan, math.nan])
     assert never.n == 0 and never.text() == "never (0/2)"
 
