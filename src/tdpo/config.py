@@ -984,15 +984,26 @@ def method_label(config: Config) -> str:
     return get_method(config.train.algorithm).label(config)
 
 
-def run_hash(config: Config) -> str:
-    """The hash a run's checkpoints carry: the config minus what a resume may change."""
+def run_hash(config: Config, keys: set[str] | None = None) -> str:
+    """The hash a run's checkpoints carry: the config minus what a resume may change.
+
+    ``keys``: hash only these dotted keys, those of the run's own config.yaml
+    (:func:`saved_keys`). A run written by an earlier version lacks the keys added since; its
+    checkpoints hashed the keys it had, and the added ones hold their old behaviour
+    (:data:`ADDED_KEYS`, not changeable on resume), so leaving them out keeps it resumable."""
     return config_hash(
         {
             key: value
             for key, value in flatten(to_dict(config)).items()
-            if not key.startswith(RESUME_MUTABLE_PREFIXES)
+            if not key.startswith(RESUME_MUTABLE_PREFIXES) and (keys is None or key in keys)
         }
     )
+
+
+def saved_keys(run_dir: str | Path) -> set[str] | None:
+    """The dotted keys of ``run_dir/config.yaml`` (None before it is written)."""
+    path = Path(run_dir) / CONFIG_FILE
+    return set(flatten(load_yaml(path, "RUN_DIR"))) if path.is_file() else None
 
 
 def config_to_yaml(config: Config) -> str:

@@ -30,6 +30,7 @@ from tdpo.config import (
     load_yaml,
     resolve_schedule,
     run_hash,
+    saved_keys,
     write_run_config,
 )
 from tdpo.console import log_line, quiet_libraries
@@ -164,14 +165,14 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, probe_lock: bool 
     process checks the folder and the lock: the others start while it creates and locks it."""
     if not is_main_process():
         if resume:
-            check_resume(run_dir, run_hash(config), num_processes())
+            check_resume(run_dir, run_hash(config, saved_keys(run_dir)), num_processes())
         return
     if not resume:
         check_new_run_dir(run_dir, probe_lock)
         return
     if probe_lock:
         check_not_locked(run_dir, "--resume")
-    check_resume(run_dir, run_hash(config), num_processes())
+    check_resume(run_dir, run_hash(config, saved_keys(run_dir)), num_processes())
     check_metrics(run_dir, "--resume")
 
 

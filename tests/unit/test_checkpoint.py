@@ -216,3 +216,30 @@ def test_config_hash_is_order_independent() -> None:
     b = config_hash({"model": {"eta": 1.0, "steps": 20}, "lr": 1e-4})
     assert a == b and len(a) == 16
     assert config_hash({"lr": 2e-4}) != a
+
+
+def test_a_run_written_before_a_key_was_added_keeps_its_hash(tmp_path):
+    """A run's config.yaml from an earlier version lacks the keys added since (ADDED_KEYS); its
+    checkpoints hashed the keys it had, so the resume check must hash those same keys."""
+    import yaml
+
+    from tdpo.config import (
+        RESUME_MUTABLE_PREFIXES,
+        build_config,
+        flatten,
+        run_hash,
+        saved_keys,
+        to_dict,
+    )
+    from tdpo.run import resume_config
+
+    old = to_dict(build_config())
+    del old["critic"]["decoder"], old["critic"]["tiny_decoder"]  # added after this "run"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    hashed_then = config_hash(
+        {k: v for k, v in flatten(old).items() if not k.startswith(RESUME_MUTABLE_PREFIXES)}
+    )
+    config = resume_config(tmp_path)
+    assert config.critic.decoder == "vae"  # the added key holds the old behaviour
+    assert run_hash(config, saved_keys(tmp_path)) == hashed_then
+    assert run_hash(config) != hashed_then  # all of today's keys: the old run would be refused

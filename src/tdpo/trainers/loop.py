@@ -27,6 +27,7 @@ from tdpo.config import (
     method_label,
     resolve_schedule,
     run_hash,
+    saved_keys,
     to_dict,
     write_run_config,
 )
@@ -113,7 +114,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.reward_queries = 0
-        self.config_hash = run_hash(config)
+        self.config_hash = run_hash(config, saved_keys(run_dir))
         self.best_monitor: float | None = None
         self.evals_since_best = 0
         # The base model's evaluation (the metrics row of epoch 0) was logged: a run resumed
