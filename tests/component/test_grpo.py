@@ -46,7 +46,7 @@ def test_kl_to_base_is_zero_at_the_base_weights_and_grows_after_an_update(make_t
             batch.prompt_embeds[rows],
             batch.negative_embeds[rows] if use_cfg else None,
         )
-        return float(tr.method.kl_to_base(tr.unet, batch, rows, k, use_cfg, log_prob))
+        return float(tr.method.kl_to_base(tr.unet, batch, rows, k, use_cfg, log_prob).detach())
 
     assert abs(kl()) < 1e-6  # LoRA starts as the identity (B = 0): the policy is the base
     with torch.no_grad():
