@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from tdpo.errors import UsageError
@@ -80,6 +81,23 @@ def check_run_name(name: str | None, field: str = "run_name") -> None:
         )
 
 
+PROBE_WAIT_S = 0.5  # a lock held this long is a writer, not another process's momentary probe
+
+
+def _flock_exclusive(fd: int) -> bool:
+    """Take the exclusive lock, retrying for PROBE_WAIT_S: :func:`lock_holder` (e.g. a second
+    `tdpo train`'s check) holds a shared lock for microseconds, which must not read as a writer."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
 def lock_holder(run_dir: Path) -> str | None:
     """The PID (as text, or "unknown") of the process holding the run's lock; None when no
     process holds it. Reads and probes the lock file without writing anything."""
@@ -91,8 +109,8 @@ def lock_holder(run_dir: Path) -> str | None:
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: probes from several processes never block each other
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.read(fd, 32).decode("ascii", "replace").strip()
             return text if text.isdigit() else "unknown"
@@ -212,9 +230,7 @@ class RunLock:
                     str(self.run_dir),
                     f"cannot create the lock file {self.path} ({error.strerror or error})",
                 ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock_exclusive(fd):
                 text = os.read(fd, 32).decode("ascii", "replace").strip()
                 os.close(fd)
                 pid = text if text.isdigit() else "unknown"
