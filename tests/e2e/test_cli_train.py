@@ -112,6 +112,20 @@ def test_help_lists_every_field(capsys):
         assert name in text
 
 
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tdpo", "train", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "tdpo train: error" in out.stderr and "invalid choice" in out.stderr
+
+
 def test_dry_run_prints_schedule_and_loads_nothing(capsys):
     assert main(["train", "--preset", "sd14-aesthetic", "--preset", "tdpo", "--dry-run"]) == 0
     out = capsys.readouterr().out
