@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdpo.algos.flow import flow_sde_step_logprob
+from tdpo.algos.flow import FlowStepOutput, flow_sde_step_logprob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
-from tdpo.policy_base import FLOW_PIPELINES, PolicyBase, Trajectory, denoiser_dtype, unwrap
+from tdpo.policy_base import FLOW_PIPELINES, Conditions, PolicyBase, denoiser_dtype, unwrap
 
 T5_MAX_LENGTH = 256  # the pipeline's default max_sequence_length for T5 (zeros without T5)
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's default a
@@ -318,26 +318,39 @@ class FlowPolicy(PolicyBase):
         images = self.vae.decode(scaled).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    # -- sampling -----------------------------------------------------------------------------
+    # -- sampling (the loops: PolicyBase.sample, .sample_with_grad, .step_log_prob) -----------
 
-    def _conditions(self, prompts: list[str]):
-        prompt_embeds, pooled = self.encode_prompts(prompts)
-        negative, negative_pooled = (
-            self.negative_embeds(len(prompts)) if self.use_cfg else (None, None)
-        )
-        return prompt_embeds, negative, pooled, negative_pooled
+    def _start(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The schedule's timesteps (``1000 s``) and x at s = 1, ``noise[:, 0]``."""
+        return self.schedule()[0], noise[:, 0]
 
-    def _step(self, unet, latents, t, sigma, sigma_next, conditions, prev_sample=None, noise=None):
-        prompt_embeds, negative, pooled, negative_pooled = conditions
+    def _step(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        k: int | None,
+        t: torch.Tensor,
+        conditions: Conditions,
+        prev_sample: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> FlowStepOutput:
+        """One SDE step ``s_k -> s_{k+1}`` (the schedule's sigmas; ``k=None``: those of the
+        per-sample timesteps ``t``): log pi_theta(``prev_sample`` | ``latents``), or a draw
+        ``mean + std * noise``."""
+        if k is None:
+            sigma, sigma_next = self._sigmas_of(t)
+        else:
+            sigmas = self.schedule(latents.device)[1]
+            sigma, sigma_next = sigmas[k], sigmas[k + 1]
         velocity = self.predict_velocity(
             unet,
             latents,
             t,
-            prompt_embeds,
-            negative,
+            conditions.prompt_embeds,
+            conditions.negative_embeds,
             self.sample_cfg.guidance_scale,
-            pooled,
-            negative_pooled,
+            conditions.pooled,
+            conditions.negative_pooled,
         )
         return flow_sde_step_logprob(
             velocity,
@@ -349,110 +362,6 @@ class FlowPolicy(PolicyBase):
             prev_sample=prev_sample,
             noise=noise,
         )
-
-    @torch.no_grad()
-    def sample(
-        self,
-        unet: nn.Module,
-        prompts: list[str],
-        noise: torch.Tensor,
-        with_reference: bool = False,
-        progress=None,
-        keep_x0: bool = False,
-    ) -> Trajectory:
-        """Sample trajectories for ``prompts`` with the SDE (noise level ``sample.noise_level``)
-        and record every step.
-
-        ``noise`` [B, T+1, C, h, w] holds x at s = 1 (``noise[:, 0]``) and the standard-normal
-        draw of each step k (``noise[:, k+1]``). ``timesteps`` are the scheduler's
-        (``1000 s``); ``keep_x0`` records each step's ``x0_hat = x - s v``.
-        """
-        batch = len(prompts)
-        timesteps, sigmas = self.schedule()
-        conditions = self._conditions(prompts)
-        noise = noise.to(self.device, torch.float32)
-        latents = noise[:, 0]
-        all_latents, log_probs, ref_log_probs, x0_preds = [latents], [], [], []
-        for k, t in enumerate(timesteps):
-            step = self._step(
-                unet, latents, t, sigmas[k], sigmas[k + 1], conditions, noise=noise[:, k + 1]
-            )
-            if with_reference:
-                with self.reference_mode(unet) as ref_unet:
-                    ref = self._step(
-                        ref_unet,
-                        latents,
-                        t,
-                        sigmas[k],
-                        sigmas[k + 1],
-                        conditions,
-                        prev_sample=step.prev_sample,
-                    )
-                ref_log_probs.append(ref.log_prob)
-            latents = step.prev_sample.float()
-            all_latents.append(latents)
-            log_probs.append(step.log_prob)
-            if keep_x0:
-                x0_preds.append(step.pred_original.float())
-            if progress is not None:
-                progress.update(1)
-        prompt_embeds, negative, pooled, negative_pooled = conditions
-        return Trajectory(
-            latents=torch.stack(all_latents, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            timesteps=timesteps.unsqueeze(0).expand(batch, -1).clone(),
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative.clone() if negative is not None else None,
-            images=self.decode(latents),
-            prompts=list(prompts),
-            ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
-            pooled_embeds=pooled,
-            negative_pooled=negative_pooled.clone() if negative_pooled is not None else None,
-            x0_preds=torch.stack(x0_preds, dim=1) if keep_x0 else None,
-        )
-
-    def sample_with_grad(
-        self, unet: nn.Module, prompts: list[str], noise: torch.Tensor, grad_steps: int
-    ) -> torch.Tensor:
-        """The SDE sampler whose last ``grad_steps`` steps keep the graph (AlignProp): the draw
-        ``mean + std z`` is differentiable in the mean; returns images in [0, 1]."""
-        timesteps, sigmas = self.schedule()
-        conditions = self._conditions(prompts)
-        noise = noise.to(self.device, torch.float32)
-        latents = noise[:, 0]
-        first_grad = len(timesteps) - grad_steps
-        for k, t in enumerate(timesteps):
-            with torch.set_grad_enabled(k >= first_grad):
-                step = self._step(
-                    unet,
-                    latents,
-                    t,
-                    sigmas[k],
-                    sigmas[k + 1],
-                    conditions,
-                    prev_sample=latents.detach(),  # the log-prob is not used
-                )
-                latents = step.mean + step.std * noise[:, k + 1]
-        return self.decode(latents)
-
-    def step_log_prob(
-        self,
-        unet: nn.Module,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        pooled: torch.Tensor | None = None,
-        negative_pooled: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """log pi_theta(next | latents) under the current weights, for per-sample timesteps [B]
-        (values of the sampling schedule). ``negative_embeds=None``: without guidance."""
-        sigma, sigma_next = self._sigmas_of(timesteps)
-        conditions = (prompt_embeds, negative_embeds, pooled, negative_pooled)
-        return self._step(
-            unet, latents, timesteps, sigma, sigma_next, conditions, prev_sample=next_latents
-        ).log_prob
 
     # -- export -------------------------------------------------------------------------------
 

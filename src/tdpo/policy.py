@@ -2,7 +2,8 @@
 
 ``sample`` runs DDIM with eta > 0, so each step ``x_{k+1} ~ N(mu_theta(x_k, t_k, c), sigma_k^2 I)``
 is a Gaussian policy step, and returns a :class:`Trajectory`. ``step_log_prob`` re-evaluates one
-step's log-probability under the current weights for training. We own the sampling loop rather
+step's log-probability under the current weights for training. The loops are
+:class:`~tdpo.policy_base.PolicyBase`'s, shared with the flow policy; the DDIM step is here. We own the sampling loop rather
 than subclassing the pipeline (its ``__call__`` hides the latents and log-probs).
 
 Stable Diffusion 1.x/2.x (one CLIP text encoder) and SDXL (two text encoders; the UNet also takes
@@ -20,12 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdpo.algos.ddim import ddim_step_logprob, gaussian_log_prob
+from tdpo.algos.ddim import DDIMStepOutput, ddim_step_logprob, gaussian_log_prob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
 from tdpo.paths import check_pipeline_path, looks_like_path, resolve_alias
 from tdpo.policy_base import (  # noqa: F401  (re-exported: the project imports them from here)
     FLOW_PIPELINES,
+    Conditions,
     PolicyBase,
     Trajectory,
     denoiser_dtype,
@@ -309,136 +311,51 @@ class DiffusionPolicy(PolicyBase):
         images = self.vae.decode(scaled).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    # -- sampling -----------------------------------------------------------------------------
+    # -- sampling (the loops: PolicyBase.sample, .sample_with_grad, .step_log_prob) -----------
 
-    @torch.no_grad()
-    def sample(
-        self,
-        unet: nn.Module,
-        prompts: list[str],
-        noise: torch.Tensor,
-        with_reference: bool = False,
-        progress=None,
-        keep_x0: bool = False,
-    ) -> Trajectory:
-        """Sample trajectories for ``prompts`` with DDIM (eta > 0) and record every step.
+    def _start(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM's timesteps of ``sample.num_steps`` steps, and x_T = ``noise[:, 0]`` scaled by
+        the scheduler's initial sigma."""
+        self.scheduler.set_timesteps(self.sample_cfg.num_steps, device=self.device)
+        return self.scheduler.timesteps, noise[:, 0] * self.scheduler.init_noise_sigma
 
-        ``noise`` [B, T+1, C, h, w] holds x_T (``noise[:, 0]``) and the standard-normal draw of
-        each step k (``noise[:, k+1]``), so that a sample is reproducible from its own seed.
-        ``keep_x0`` also records the denoiser's x_0 estimate of every step (``x0_preds``).
-        """
-        cfg = self.sample_cfg
-        batch = len(prompts)
-        self.scheduler.set_timesteps(cfg.num_steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        prompt_embeds, pooled = self.encode_prompts(prompts)
-        negative, negative_pooled = self.negative_embeds(batch) if self.use_cfg else (None, None)
-        conditions = (prompt_embeds, negative, cfg.guidance_scale, pooled, negative_pooled)
-        noise = noise.to(self.device, torch.float32)
-        latents = noise[:, 0] * self.scheduler.init_noise_sigma
-        all_latents, log_probs, ref_log_probs, x0_preds = [latents], [], [], []
-        for k, t in enumerate(timesteps):
-            noise_pred = self.predict_noise(unet, latents, t, *conditions)
-            # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
-            mean_std = ddim_step_logprob(
-                self.scheduler, noise_pred, t, latents, cfg.eta, prev_sample=latents
-            )
-            next_latents = mean_std.mean + mean_std.std * noise[:, k + 1]
-            log_prob = gaussian_log_prob(next_latents, mean_std.mean, mean_std.std)
-            if with_reference:
-                with self.reference_mode(unet) as ref_unet:
-                    ref_pred = self.predict_noise(ref_unet, latents, t, *conditions)
-                ref = ddim_step_logprob(
-                    self.scheduler, ref_pred, t, latents, cfg.eta, prev_sample=next_latents
-                )
-                ref_log_probs.append(ref.log_prob)
-            latents = next_latents.float()
-            all_latents.append(latents)
-            if keep_x0:
-                x0_preds.append(mean_std.pred_original.float())
-            log_probs.append(log_prob)
-            if progress is not None:
-                progress.update(1)
-        images = self.decode(latents)
-        return Trajectory(
-            latents=torch.stack(all_latents, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            timesteps=timesteps.unsqueeze(0).expand(batch, -1).clone(),
-            prompt_embeds=prompt_embeds,
-            negative_embeds=negative.clone() if negative is not None else None,
-            images=images,
-            prompts=list(prompts),
-            ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
-            pooled_embeds=pooled,
-            negative_pooled=negative_pooled.clone() if negative_pooled is not None else None,
-            x0_preds=torch.stack(x0_preds, dim=1) if keep_x0 else None,
-        )
-
-    def sample_with_grad(
-        self, unet: nn.Module, prompts: list[str], noise: torch.Tensor, grad_steps: int
-    ) -> torch.Tensor:
-        """DDIM sampling (same noise layout as :meth:`sample`) whose last ``grad_steps`` steps keep
-        the graph, for AlignProp; returns images in [0, 1]."""
-        cfg = self.sample_cfg
-        self.scheduler.set_timesteps(cfg.num_steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        prompt_embeds, pooled = self.encode_prompts(prompts)
-        negative, negative_pooled = (
-            self.negative_embeds(len(prompts)) if self.use_cfg else (None, None)
-        )
-        noise = noise.to(self.device, torch.float32)
-        latents = noise[:, 0] * self.scheduler.init_noise_sigma
-        first_grad = len(timesteps) - grad_steps
-        for k, t in enumerate(timesteps):
-            with torch.set_grad_enabled(k >= first_grad):
-                pred = self.predict_noise(
-                    unet,
-                    latents,
-                    t,
-                    prompt_embeds,
-                    negative,
-                    cfg.guidance_scale,
-                    pooled,
-                    negative_pooled,
-                )
-                step = ddim_step_logprob(
-                    self.scheduler, pred, t, latents, cfg.eta, prev_sample=latents.detach()
-                )
-                latents = step.mean + step.std * noise[:, k + 1]  # differentiable in mu_theta
-        return self.decode(latents)
-
-    def step_log_prob(
+    def _step(
         self,
         unet: nn.Module,
         latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        pooled: torch.Tensor | None = None,
-        negative_pooled: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """log pi_theta(next | latents) under the current weights, for per-sample timesteps [B].
-
-        Pass ``negative_embeds=None`` to re-evaluate without classifier-free guidance."""
+        k: int | None,
+        t: torch.Tensor,
+        conditions: Conditions,
+        prev_sample: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> DDIMStepOutput:
+        """One DDIM step (eta = ``sample.eta``) at timestep ``t`` (DDIM needs no step index
+        ``k``): log pi_theta(``prev_sample`` | ``latents``), or a draw from ``noise``."""
         noise_pred = self.predict_noise(
             unet,
             latents,
-            timesteps,
-            prompt_embeds,
-            negative_embeds,
+            t,
+            conditions.prompt_embeds,
+            conditions.negative_embeds,
             self.sample_cfg.guidance_scale,
-            pooled,
-            negative_pooled,
+            conditions.pooled,
+            conditions.negative_pooled,
         )
-        return ddim_step_logprob(
+        draw = prev_sample is None and noise is not None
+        step = ddim_step_logprob(  # drawing: its log-prob (of latents) is replaced below
             self.scheduler,
             noise_pred,
-            timesteps,
+            t,
             latents,
             self.sample_cfg.eta,
-            prev_sample=next_latents,
-        ).log_prob
+            prev_sample=latents if draw else prev_sample,
+        )
+        if not draw:
+            return step
+        # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
+        next_latents = step.mean + step.std * noise
+        log_prob = gaussian_log_prob(next_latents.detach(), step.mean, step.std)
+        return step._replace(prev_sample=next_latents, log_prob=log_prob)
 
     # -- export -------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """What every policy shares (DDIM's :class:`tdpo.policy.DiffusionPolicy` and the flow-matching
-:class:`tdpo.flow.FlowPolicy`): the sampled :class:`Trajectory`, LoRA or full fine-tuning of the
-denoiser, the frozen base model for the KL, and prompt tokenization. Re-exported by
-:mod:`tdpo.policy`, where the rest of the project imports them from."""
+:class:`tdpo.flow.FlowPolicy`): the sampled :class:`Trajectory`, the sampling loops
+(:meth:`PolicyBase.sample`, :meth:`PolicyBase.sample_with_grad`) and the re-evaluated log-prob
+(:meth:`PolicyBase.step_log_prob`) written once against each family's step, LoRA or full
+fine-tuning of the denoiser, the frozen base model for the KL, and prompt tokenization.
+Re-exported by :mod:`tdpo.policy`, where the rest of the project imports them from."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, fields
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -66,6 +69,29 @@ class Trajectory:
         return Trajectory(**out)
 
 
+class Conditions(NamedTuple):
+    """A batch's text conditioning c, as the denoiser takes it (``negative_*``: the empty
+    prompt's, for classifier-free guidance, or None without it; ``pooled``: SDXL's / SD3's
+    pooled text embedding, None for SD 1/2)."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    negative_embeds: torch.Tensor | None  # [B, L, D]
+    pooled: torch.Tensor | None  # [B, P]
+    negative_pooled: torch.Tensor | None  # [B, P]
+
+
+class PolicyStep(Protocol):
+    """One step of a family's sampler, the Gaussian policy
+    ``pi_theta(x_{k+1} | x_k, c) = N(mean, std^2 I)`` (:class:`tdpo.algos.ddim.DDIMStepOutput`,
+    :class:`tdpo.algos.flow.FlowStepOutput`)."""
+
+    prev_sample: torch.Tensor  # x_{k+1}
+    log_prob: torch.Tensor  # [B] log pi_theta(x_{k+1} | x_k), averaged over the non-batch dims
+    mean: torch.Tensor  # mu_theta(x_k, t_k, c)
+    std: torch.Tensor  # sigma_k, [B, 1, ..., 1]
+    pred_original: torch.Tensor  # the denoiser's estimate of x_0 at this step
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompt token ids padded/truncated to the tokenizer's length, as the pipelines do."""
     return tokenizer(
@@ -80,7 +106,11 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 class PolicyBase(nn.Module):
     """What every policy shares: the trained denoiser is ``self.unet`` (a UNet, or SD3's
     transformer), with LoRA adapters (peft) or fully trainable, and a frozen base model for the
-    KL (LoRA disabled, or a frozen copy)."""
+    KL (LoRA disabled, or a frozen copy).
+
+    A family provides ``encode_prompts``, ``negative_embeds`` and ``decode``, and the two
+    methods the loops here are written against: :meth:`_start` (the schedule and x_T) and
+    :meth:`_step` (one step of its sampler with its log-prob)."""
 
     model_cfg: ModelConfig
     sample_cfg: SampleConfig
@@ -144,6 +174,132 @@ class PolicyBase(nn.Module):
                 base.enable_adapters()
         else:
             yield self.reference_unet
+
+    # -- the family's sampler -----------------------------------------------------------------
+
+    def _start(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps [T], x_T [B, C, h, w])`` for ``noise`` (on the policy's device, fp32):
+        sets up the schedule of ``sample.num_steps`` steps; x_T comes from ``noise[:, 0]``."""
+        raise NotImplementedError
+
+    def _step(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        k: int | None,
+        t: torch.Tensor,
+        conditions: Conditions,
+        prev_sample: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> PolicyStep:
+        """Step k (at timestep ``t``) from ``latents`` = x_k with the denoiser ``unet``, guided
+        as ``sample.guidance_scale`` says when ``conditions`` has negatives. ``prev_sample``:
+        the x_{k+1} whose log-prob to compute; else x_{k+1} = mean + std * ``noise`` is drawn.
+        ``k=None``: ``t`` is a [B] tensor of per-sample timesteps of the schedule."""
+        raise NotImplementedError
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def _conditions(self, prompts: list[str]) -> Conditions:
+        prompt_embeds, pooled = self.encode_prompts(prompts)
+        negative, negative_pooled = (
+            self.negative_embeds(len(prompts)) if self.use_cfg else (None, None)
+        )
+        return Conditions(prompt_embeds, negative, pooled, negative_pooled)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        unet: nn.Module,
+        prompts: list[str],
+        noise: torch.Tensor,
+        with_reference: bool = False,
+        progress=None,
+        keep_x0: bool = False,
+    ) -> Trajectory:
+        """Sample trajectories for ``prompts`` with the family's stochastic sampler (DDIM with
+        eta > 0; SD3: the SDE of noise level ``sample.noise_level``) and record every step.
+
+        ``noise`` [B, T+1, C, h, w] holds x_T (``noise[:, 0]``; for flow models x at s = 1) and
+        the standard-normal draw z_k of each step k (``noise[:, k+1]``), so that a sample is
+        reproducible from its own seed. ``with_reference`` also records each step's log-prob
+        under the frozen base model (``ref_log_probs``, for the KL penalty); ``keep_x0`` the
+        denoiser's x_0 estimate of every step (``x0_preds``; flow: ``x0_hat = x - s v``).
+        ``timesteps`` are the scheduler's (flow: ``1000 s``).
+        """
+        batch = len(prompts)
+        noise = noise.to(self.device, torch.float32)
+        timesteps, latents = self._start(noise)
+        conditions = self._conditions(prompts)
+        all_latents, log_probs, ref_log_probs, x0_preds = [latents], [], [], []
+        for k, t in enumerate(timesteps):
+            # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
+            step = self._step(unet, latents, k, t, conditions, noise=noise[:, k + 1])
+            if with_reference:  # log pi_ref(x_{k+1} | x_k) of the same transition
+                with self.reference_mode(unet) as ref_unet:
+                    ref = self._step(
+                        ref_unet, latents, k, t, conditions, prev_sample=step.prev_sample
+                    )
+                ref_log_probs.append(ref.log_prob)
+            latents = step.prev_sample.float()
+            all_latents.append(latents)
+            log_probs.append(step.log_prob)
+            if keep_x0:
+                x0_preds.append(step.pred_original.float())
+            if progress is not None:
+                progress.update(1)
+        prompt_embeds, negative, pooled, negative_pooled = conditions
+        return Trajectory(
+            latents=torch.stack(all_latents, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            timesteps=timesteps.unsqueeze(0).expand(batch, -1).clone(),
+            prompt_embeds=prompt_embeds,
+            negative_embeds=negative.clone() if negative is not None else None,
+            images=self.decode(latents),
+            prompts=list(prompts),
+            ref_log_probs=torch.stack(ref_log_probs, dim=1) if with_reference else None,
+            pooled_embeds=pooled,
+            negative_pooled=negative_pooled.clone() if negative_pooled is not None else None,
+            x0_preds=torch.stack(x0_preds, dim=1) if keep_x0 else None,
+        )
+
+    def sample_with_grad(
+        self, unet: nn.Module, prompts: list[str], noise: torch.Tensor, grad_steps: int
+    ) -> torch.Tensor:
+        """:meth:`sample`'s sampler (same noise layout) whose last ``grad_steps`` steps keep the
+        graph, for AlignProp: the draw x_{k+1} = mu_theta(x_k) + sigma_k z_k is differentiable
+        in mu_theta. Returns images in [0, 1]."""
+        noise = noise.to(self.device, torch.float32)
+        timesteps, latents = self._start(noise)
+        conditions = self._conditions(prompts)
+        first_grad = len(timesteps) - grad_steps
+        for k, t in enumerate(timesteps):
+            with torch.set_grad_enabled(k >= first_grad):
+                step = self._step(  # the log-prob is not used
+                    unet, latents, k, t, conditions, prev_sample=latents.detach()
+                )
+                latents = step.mean + step.std * noise[:, k + 1]  # differentiable in mu_theta
+        return self.decode(latents)
+
+    def step_log_prob(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        pooled: torch.Tensor | None = None,
+        negative_pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log pi_theta(next | latents) under the current weights, for per-sample timesteps [B]
+        (values of the sampling schedule).
+
+        Pass ``negative_embeds=None`` to re-evaluate without classifier-free guidance."""
+        conditions = Conditions(prompt_embeds, negative_embeds, pooled, negative_pooled)
+        return self._step(
+            unet, latents, None, timesteps, conditions, prev_sample=next_latents
+        ).log_prob
 
 
 def unwrap(module: nn.Module) -> nn.Module:
