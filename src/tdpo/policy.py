@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdpo.algos.ddim import DDIMStepOutput, ddim_step_logprob, gaussian_log_prob
+from tdpo.algos.ddim import DDIMStepOutput, ddim_step_logprob
 from tdpo.config import ModelConfig, SampleConfig
 from tdpo.errors import UsageError
 from tdpo.paths import check_pipeline_path, looks_like_path, resolve_alias
@@ -341,21 +341,17 @@ class DiffusionPolicy(PolicyBase):
             conditions.pooled,
             conditions.negative_pooled,
         )
-        draw = prev_sample is None and noise is not None
-        step = ddim_step_logprob(  # drawing: its log-prob (of latents) is replaced below
+        # drawing (prev_sample None): x_{k+1} = mu_theta(x_k) + sigma_k * z_k with z = noise,
+        # and log pi_theta(x_{k+1} | x_k); else log pi_theta(prev_sample | x_k)
+        return ddim_step_logprob(
             self.scheduler,
             noise_pred,
             t,
             latents,
             self.sample_cfg.eta,
-            prev_sample=latents if draw else prev_sample,
+            prev_sample=prev_sample,
+            noise=noise,
         )
-        if not draw:
-            return step
-        # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
-        next_latents = step.mean + step.std * noise
-        log_prob = gaussian_log_prob(next_latents.detach(), step.mean, step.std)
-        return step._replace(prev_sample=next_latents, log_prob=log_prob)
 
     # -- export -------------------------------------------------------------------------------
 

@@ -112,6 +112,7 @@ def ddim_step_logprob(
     eta: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> DDIMStepOutput:
     """One DDIM step ``x_t -> x_{t-1}`` and its log-probability (DDIM paper eqs. 12 and 16).
 
@@ -129,7 +130,9 @@ def ddim_step_logprob(
         prev_sample: ``x_{t-1}`` whose log-prob to compute; if None, one is drawn as
             ``mean + sigma_t * noise`` with ``noise = randn(generator=generator)`` (drawn in
             ``model_output``'s dtype on the generator's device, like ``scheduler.step``).
-        generator: RNG for the noise when ``prev_sample`` is None.
+        generator: RNG for the noise when ``prev_sample`` and ``noise`` are None.
+        noise: the standard-normal ``z`` of the draw ``x_{t-1} = mu_theta + sigma_t z`` when
+            ``prev_sample`` is None (then ``prev_sample`` keeps the graph through ``mu_theta``).
 
     Returns:
         :class:`DDIMStepOutput`. ``log_prob`` is ``log N(x_{t-1}; mu_theta, sigma_t^2 I)``
@@ -204,10 +207,15 @@ def ddim_step_logprob(
     prev_sample_mean = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
 
     if prev_sample is None:
-        noise_device = generator.device if generator is not None else device
-        noise = torch.randn(
-            model_output.shape, generator=generator, device=noise_device, dtype=model_output.dtype
-        ).to(device=device, dtype=dtype)
+        if noise is None:
+            noise_device = generator.device if generator is not None else device
+            noise = torch.randn(
+                model_output.shape,
+                generator=generator,
+                device=noise_device,
+                dtype=model_output.dtype,
+            )
+        noise = noise.to(device=device, dtype=dtype)
         prev_sample = (prev_sample_mean + std_dev_t * noise).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(
