@@ -175,6 +175,34 @@ class PolicyBase(nn.Module):
         else:
             yield self.reference_unet
 
+    @contextlib.contextmanager
+    def lora_merged(self, unet: nn.Module):
+        """For gradient-free passes: each LoRA layer's weight replaced by a merged copy
+        W' = W + s B A and the adapters disabled, so a pass makes one matmul per adapted layer
+        instead of three; W itself is put back untouched afterwards (no drift from repeated
+        merging). A no-op unless ``sample.merge_lora`` and LoRA fine-tuning."""
+        if self.model_cfg.finetune != "lora" or not self.sample_cfg.merge_lora:
+            yield
+            return
+        from peft.tuners.lora import LoraLayer
+
+        base = unwrap(unet)
+        originals = []
+        with torch.no_grad():
+            for layer in base.modules():
+                if isinstance(layer, LoraLayer) and layer.active_adapters:
+                    weight = layer.get_base_layer().weight
+                    delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)
+                    originals.append((weight, weight.data))
+                    weight.data = weight.data + delta.to(weight.dtype)
+        base.disable_adapters()
+        try:
+            yield
+        finally:
+            base.enable_adapters()
+            for weight, data in originals:
+                weight.data = data
+
     # -- the family's sampler -----------------------------------------------------------------
 
     def _start(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,22 +260,25 @@ class PolicyBase(nn.Module):
         timesteps, latents = self._start(noise)
         conditions = self._conditions(prompts)
         all_latents, log_probs, ref_log_probs, x0_preds = [latents], [], [], []
-        for k, t in enumerate(timesteps):
-            # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
-            step = self._step(unet, latents, k, t, conditions, noise=noise[:, k + 1])
-            if with_reference:  # log pi_ref(x_{k+1} | x_k) of the same transition
-                with self.reference_mode(unet) as ref_unet:
-                    ref = self._step(
-                        ref_unet, latents, k, t, conditions, prev_sample=step.prev_sample
-                    )
-                ref_log_probs.append(ref.log_prob)
-            latents = step.prev_sample.float()
-            all_latents.append(latents)
-            log_probs.append(step.log_prob)
-            if keep_x0:
-                x0_preds.append(step.pred_original.float())
-            if progress is not None:
-                progress.update(1)
+        # the reference passes need the adapters switchable: merge only without them
+        merged = contextlib.nullcontext() if with_reference else self.lora_merged(unet)
+        with merged:
+            for k, t in enumerate(timesteps):
+                # x_{k+1} = mu_theta(x_k) + sigma_k * z_k, and log pi_theta(x_{k+1} | x_k)
+                step = self._step(unet, latents, k, t, conditions, noise=noise[:, k + 1])
+                if with_reference:  # log pi_ref(x_{k+1} | x_k) of the same transition
+                    with self.reference_mode(unet) as ref_unet:
+                        ref = self._step(
+                            ref_unet, latents, k, t, conditions, prev_sample=step.prev_sample
+                        )
+                    ref_log_probs.append(ref.log_prob)
+                latents = step.prev_sample.float()
+                all_latents.append(latents)
+                log_probs.append(step.log_prob)
+                if keep_x0:
+                    x0_preds.append(step.pred_original.float())
+                if progress is not None:
+                    progress.update(1)
         prompt_embeds, negative, pooled, negative_pooled = conditions
         return Trajectory(
             latents=torch.stack(all_latents, dim=1),
