@@ -128,19 +128,21 @@ def _tiny_unet(cross_attention_dim: int, **extra):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(latent_channels: int = 4, **extra):
+    """A random ``AutoencoderKL`` for 16x16 images (2x downsampling: 8x8 latents)."""
     from diffusers import AutoencoderKL  # deferred: seconds to import
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=16,
+        **extra,
     )
 
 
@@ -248,7 +250,6 @@ def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0):
     with SD3's shift 3."""
     # deferred: diffusers and transformers take seconds to import
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -270,16 +271,8 @@ def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0):
         out_channels=16,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+    vae = _tiny_vae(
         latent_channels=16,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,
