@@ -27,12 +27,32 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny ``StableDiffusion3Pipeline`` folder without T5 (``tdpo.tiny``)."""
+    from tdpo.tiny import build_tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
+    build_tiny_sd3_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     from tdpo.tiny import build_tiny_clip
 
     path = tmp_path_factory.mktemp("tiny") / "clip"
     build_tiny_clip(path)
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread during the test, whatever an earlier test left; the count it found
+    is put back afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture()

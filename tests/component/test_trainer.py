@@ -7,29 +7,20 @@ import dataclasses
 import pytest
 import torch
 
-from tdpo.config import build_config
-from tdpo.policy import DiffusionPolicy, load_pipeline
+from tdpo.policy import load_pipeline
 from tdpo.sampling import derive_seed
-from tests.fixtures.factories import policy_noise
-
-
-def _lora_params(unet) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+from tests.fixtures.factories import perturb_lora, policy_noise, tiny_policy
+from tests.fixtures.policy_checks import (
+    assert_pipeline_reproduces_lora,
+    replay_log_prob,
+    train_and_export_lora,
+    trainable_snapshot,
+)
 
 
 def test_reevaluated_step_at_unchanged_weights_has_ratio_one(tiny_pipeline_dir):
-    config = build_config(
-        overrides={
-            "model.pretrained": str(tiny_pipeline_dir),
-            "sample.num_steps": 5,
-            "sample.guidance_scale": 4.0,
-        }
-    )
-    policy = DiffusionPolicy.from_config(config.model, config.sample)
-    # Make the LoRA non-trivial so the check covers adapted weights, not only the base model.
-    torch.manual_seed(0)
-    for p in policy.trainable_parameters():
-        p.data.normal_(0, 0.05)
+    policy = tiny_policy(tiny_pipeline_dir, 5, 4.0)
+    perturb_lora(policy)  # the check covers adapted weights, not only the base model
     traj = policy.sample(
         policy.unet, ["a red cat", "a blue dog", "a photo of a fish"], policy_noise(policy, 3)
     )
@@ -37,15 +28,9 @@ def test_reevaluated_step_at_unchanged_weights_has_ratio_one(tiny_pipeline_dir):
     assert traj.log_probs.shape == (3, 5) and torch.isfinite(traj.log_probs).all()
     assert traj.images.shape == (3, 3, 16, 16)
     assert traj.images.min() >= 0 and traj.images.max() <= 1
+    assert traj.pooled_embeds is None  # Stable Diffusion 1.x: no pooled embedding
     for k in range(5):
-        log_prob = policy.step_log_prob(
-            policy.unet,
-            traj.latents[:, k],
-            traj.latents[:, k + 1],
-            traj.timesteps[:, k],
-            traj.prompt_embeds,
-            traj.negative_embeds,
-        )
+        log_prob = replay_log_prob(policy, policy.unet, traj, k)
         ratio = torch.exp(log_prob - traj.log_probs[:, k])
         torch.testing.assert_close(ratio, torch.ones(3), atol=1e-4, rtol=0)
     # Without guidance in re-evaluation the ratio is not 1: the check above can fail.
@@ -61,10 +46,7 @@ def test_reevaluated_step_at_unchanged_weights_has_ratio_one(tiny_pipeline_dir):
 
 
 def test_sampling_reproducible_from_per_sample_seeds(tiny_pipeline_dir):
-    config = build_config(
-        overrides={"model.pretrained": str(tiny_pipeline_dir), "sample.num_steps": 3}
-    )
-    policy = DiffusionPolicy.from_config(config.model, config.sample)
+    policy = tiny_policy(tiny_pipeline_dir, 3)
     both = policy.sample(policy.unet, ["a red cat", "a blue dog"], policy_noise(policy, 2))
     second = policy.sample(policy.unet, ["a blue dog"], policy_noise(policy, 1, seed=1))
     # The same seed gives the same sample in any batch. Not bit for bit: a batch of 2 and a
@@ -78,11 +60,11 @@ def test_sampling_reproducible_from_per_sample_seeds(tiny_pipeline_dir):
 
 def test_one_tdpo_epoch_changes_lora_and_critic(make_trainer):
     tr = make_trainer()
-    lora_before = _lora_params(tr.unet)
+    lora_before = trainable_snapshot(tr.unet)
     critic_before = {k: v.clone() for k, v in tr.method.critic.state_dict().items()}
     metrics = tr.epoch_step(0)
     changed_lora = [
-        n for n, p in _lora_params(tr.unet).items() if not torch.equal(p, lora_before[n])
+        n for n, p in trainable_snapshot(tr.unet).items() if not torch.equal(p, lora_before[n])
     ]
     changed_critic = [
         k for k, v in tr.method.critic.state_dict().items() if not torch.equal(v, critic_before[k])
@@ -107,9 +89,9 @@ def test_one_tdpo_epoch_changes_lora_and_critic(make_trainer):
 def test_ddpo_epoch_has_no_critic_and_updates_lora(make_trainer):
     tr = make_trainer(**{"train.algorithm": "ddpo", "train.updates_per_epoch": 2})
     assert tr.method.critic is None and not hasattr(tr.method, "embedder")
-    before = _lora_params(tr.unet)
+    before = trainable_snapshot(tr.unet)
     metrics = tr.epoch_step(0)
-    assert any(not torch.equal(p, before[n]) for n, p in _lora_params(tr.unet).items())
+    assert any(not torch.equal(p, before[n]) for n, p in trainable_snapshot(tr.unet).items())
     assert "critic_loss" not in metrics and tr.schedule.updates_per_epoch == 2
 
 
@@ -150,29 +132,16 @@ def test_tdpo_r_reset_changes_exactly_the_active_neurons(make_trainer):
 
 
 def test_final_lora_loads_into_the_pipeline_and_gives_the_same_images(
-    make_trainer, tiny_pipeline_dir, tmp_path
+    make_trainer, tiny_pipeline_dir
 ):
     tr = make_trainer(**{"train.epochs": 1, "train.learning_rate": 1e-2})
-    assert tr.train() == 0
-    final = tmp_path / "run" / "final"
-    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    final = train_and_export_lora(tr)
     # Deterministic sampling (eta = 0) from the same x_T: trained policy vs pipeline + LoRA.
     policy = tr.policy
     policy.sample_cfg = dataclasses.replace(policy.sample_cfg, eta=0.0)
-    noise = policy_noise(policy, 2, seed=7)
-    prompts = ["a red cat", "a photo of a dog"]
-    ours = policy.sample(tr.unet, prompts, noise).images
     pipe = load_pipeline(str(tiny_pipeline_dir))
-
-    def pipe_images():
-        kwargs = dict(num_inference_steps=4, guidance_scale=3.0, eta=0.0, output_type="pt")
-        return pipe(prompts, latents=noise[:, 0], **kwargs).images
-
-    base = pipe_images()
-    pipe.load_lora_weights(final)
-    theirs = pipe_images()
-    torch.testing.assert_close(theirs.float(), ours, atol=2e-4, rtol=0)
-    assert (base.float() - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
+    prompts = ["a red cat", "a photo of a dog"]
+    assert_pipeline_reproduces_lora(policy, tr.unet, pipe, final, prompts, atol=2e-4, eta=0.0)
 
 
 def test_full_finetuning_trains_every_unet_weight_and_exports_the_unet(make_trainer, tmp_path):
