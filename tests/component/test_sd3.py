@@ -9,40 +9,20 @@ import dataclasses
 import pytest
 import torch
 
-from tdpo.config import build_config
-from tdpo.policy import DiffusionPolicy
-from tests.fixtures.factories import policy_noise
+from tests.fixtures.factories import (
+    diffusers_sd3_pipeline,
+    perturb_lora,
+    policy_noise,
+    tiny_policy,
+)
+from tests.fixtures.policy_checks import (
+    assert_pipeline_reproduces_lora,
+    replay_log_prob,
+    train_and_export_lora,
+    trainable_snapshot,
+)
 
 PROMPTS = ["a red cat", "a photo of a dog"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from tdpo.tiny import build_tiny_sd3_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
-    build_tiny_sd3_pipeline(path)
-    return path
-
-
-def _policy(sd3_dir, steps: int, guidance: float, **sample):
-    overrides = {
-        "model.pretrained": str(sd3_dir),
-        "sample.num_steps": steps,
-        "sample.guidance_scale": guidance,
-    }
-    config = build_config(overrides=overrides)
-    return DiffusionPolicy.from_config(config.model, dataclasses.replace(config.sample, **sample))
-
-
-def _pipe(sd3_dir):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(sd3_dir), text_encoder_3=None, tokenizer_3=None
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _pipe_images(pipe, noise, steps=4, guidance=3.0):
@@ -56,19 +36,21 @@ def _pipe_images(pipe, noise, steps=4, guidance=3.0):
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
-def test_noise_level_zero_samples_what_the_pipeline_samples(sd3_dir, guidance):
+def test_noise_level_zero_samples_what_the_pipeline_samples(tiny_sd3_dir, guidance):
     """Noise level 0 is the pipeline's Euler ODE: from the same initial latents our loop equals
     ``StableDiffusion3Pipeline.__call__`` (text encoding without T5, CFG on the velocity)."""
     from tdpo.flow import FlowPolicy
 
-    policy = _policy(sd3_dir, 4, guidance, noise_level=0.0)  # a config refuses 0: no policy
+    policy = tiny_policy(
+        tiny_sd3_dir, 4, guidance, noise_level=0.0
+    )  # a config refuses 0: no policy
     assert isinstance(policy, FlowPolicy) and policy.text_encoder_3 is None
     assert policy.use_cfg == (guidance > 1)
     noise = policy_noise(policy, 2, seed=3)
     traj = policy.sample(policy.unet, PROMPTS, noise, keep_x0=True)
     assert traj.prompt_embeds.shape == (2, 16 + 256, 32)  # CLIP states, then T5's zeros
     assert traj.pooled_embeds.shape == (2, 32) and traj.log_probs.abs().max() == 0
-    pipe = _pipe(sd3_dir)
+    pipe = diffusers_sd3_pipeline(tiny_sd3_dir)
     latents = pipe(
         PROMPTS,
         num_inference_steps=4,
@@ -84,9 +66,9 @@ def test_noise_level_zero_samples_what_the_pipeline_samples(sd3_dir, guidance):
     torch.testing.assert_close(traj.x0_preds[:, -1], traj.latents[:, -1], atol=1e-5, rtol=0)
 
 
-def test_cfg_velocity_is_the_guided_mix(sd3_dir):
+def test_cfg_velocity_is_the_guided_mix(tiny_sd3_dir):
     """v = v_uncond + w (v_cond - v_uncond), the unconditional half from the empty prompt."""
-    policy = _policy(sd3_dir, 4, 5.0)
+    policy = tiny_policy(tiny_sd3_dir, 4, 5.0)
     embeds, pooled = policy.encode_prompts(PROMPTS)
     negative, negative_pooled = policy.negative_embeds(2)
     x = torch.randn(2, *policy.noise_shape[1:], generator=torch.Generator().manual_seed(0))
@@ -101,38 +83,18 @@ def test_cfg_velocity_is_the_guided_mix(sd3_dir):
     assert (cond - uncond).abs().max() > 1e-4  # the prompt matters: the check could fail
 
 
-def test_reevaluated_log_prob_has_ratio_one(sd3_dir):
-    policy = _policy(sd3_dir, 3, 4.0)
+def test_reevaluated_log_prob_has_ratio_one(tiny_sd3_dir):
+    policy = tiny_policy(tiny_sd3_dir, 3, 4.0)
     assert policy.noise_level == 0.7
-    torch.manual_seed(0)
-    for p in policy.trainable_parameters():
-        p.data.normal_(0, 0.05)
+    perturb_lora(policy)
     traj = policy.sample(policy.unet, PROMPTS, policy_noise(policy, 2), with_reference=True)
     assert traj.log_probs.abs().min() > 0
     assert (traj.log_probs - traj.ref_log_probs).abs().max() > 1e-4  # the LoRA moved the policy
     for k in range(3):
-        log_prob = policy.step_log_prob(
-            policy.unet,
-            traj.latents[:, k],
-            traj.latents[:, k + 1],
-            traj.timesteps[:, k],
-            traj.prompt_embeds,
-            traj.negative_embeds,
-            traj.pooled_embeds,
-            traj.negative_pooled,
-        )
+        log_prob = replay_log_prob(policy, policy.unet, traj, k)
         torch.testing.assert_close(log_prob, traj.log_probs[:, k], atol=1e-4, rtol=0)
         with torch.no_grad(), policy.reference_mode(policy.unet) as base:
-            ref = policy.step_log_prob(
-                base,
-                traj.latents[:, k],
-                traj.latents[:, k + 1],
-                traj.timesteps[:, k],
-                traj.prompt_embeds,
-                traj.negative_embeds,
-                traj.pooled_embeds,
-                traj.negative_pooled,
-            )
+            ref = replay_log_prob(policy, base, traj, k)
         torch.testing.assert_close(ref, traj.ref_log_probs[:, k], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="not all in the schedule"):
         policy.step_log_prob(
@@ -146,29 +108,20 @@ def test_reevaluated_log_prob_has_ratio_one(sd3_dir):
         )
 
 
-def test_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sd3_dir, make_trainer, tmp_path):
+def test_tdpo_r_epoch_trains_and_exports_a_loadable_lora(tiny_sd3_dir, make_trainer):
     """TDPO-R with the paper's image critic; the exported LoRA, loaded by
     ``StableDiffusion3Pipeline.load_lora_weights``, reproduces the policy's images."""
-    trainer = make_trainer(pipeline_dir=sd3_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2})
-    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
-    assert any(".to_q." in n for n in before) and any(".to_out.0." in n for n in before)
-    assert not any("add_q_proj" in n for n in before)  # the attention projections asked for
-    assert trainer.train() == 0
-    after = dict(trainer.unet.named_parameters())
-    assert any(not torch.equal(before[n], after[n]) for n in before), "the LoRA did not train"
-    final = tmp_path / "run" / "final"
-    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    trainer = make_trainer(
+        pipeline_dir=tiny_sd3_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2}
+    )
+    names = list(trainable_snapshot(trainer.unet))
+    assert any(".to_q." in n for n in names) and any(".to_out.0." in n for n in names)
+    assert not any("add_q_proj" in n for n in names)  # the attention projections asked for
+    final = train_and_export_lora(trainer)
     policy = trainer.policy
     policy.sample_cfg = dataclasses.replace(policy.sample_cfg, noise_level=0.0)
-    noise = policy_noise(policy, 2, seed=7)
-    ours = policy.sample(trainer.unet, PROMPTS, noise).images
-    pipe = _pipe(sd3_dir)
-    guidance = policy.sample_cfg.guidance_scale
-    base = _pipe_images(pipe, noise, guidance=guidance)
-    pipe.load_lora_weights(final)
-    theirs = _pipe_images(pipe, noise, guidance=guidance)
-    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
-    assert (base - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
+    pipe = diffusers_sd3_pipeline(tiny_sd3_dir)
+    assert_pipeline_reproduces_lora(policy, trainer.unet, pipe, final, PROMPTS, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -179,9 +132,9 @@ def test_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sd3_dir, make_trainer, 
         ("tdpo", {"critic.input": "x0", "critic.prompt_input": True}),
     ],
 )
-def test_methods_run_an_epoch_on_sd3(sd3_dir, make_trainer, preset, extra):
-    trainer = make_trainer(preset, pipeline_dir=sd3_dir, **{"train.epochs": 1, **extra})
-    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+def test_methods_run_an_epoch_on_sd3(tiny_sd3_dir, make_trainer, preset, extra):
+    trainer = make_trainer(preset, pipeline_dir=tiny_sd3_dir, **{"train.epochs": 1, **extra})
+    before = trainable_snapshot(trainer.unet)
     metrics = trainer.epoch_step(0)
     assert torch.isfinite(torch.tensor(metrics["policy_loss"]))
     after = dict(trainer.unet.named_parameters())
@@ -190,13 +143,13 @@ def test_methods_run_an_epoch_on_sd3(sd3_dir, make_trainer, preset, extra):
         assert metrics["kl_loss"] >= 0
 
 
-def test_alignprop_raises_a_differentiable_reward_on_sd3(sd3_dir, make_trainer):
+def test_alignprop_raises_a_differentiable_reward_on_sd3(tiny_sd3_dir, make_trainer):
     from tdpo.methods.alignprop import sample_with_grad
     from tdpo.sampling import sample_noise
 
     tr = make_trainer(
         "alignprop",
-        pipeline_dir=sd3_dir,
+        pipeline_dir=tiny_sd3_dir,
         **{
             "reward.name": "tests.rewards_for_tests:brightness",
             "sample.samples_per_epoch": 4,
