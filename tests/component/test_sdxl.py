@@ -8,10 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from tdpo.config import build_config
 from tdpo.errors import UsageError
-from tdpo.policy import DiffusionPolicy, load_pipeline
-from tests.fixtures.factories import policy_noise
+from tdpo.policy import load_pipeline
+from tests.fixtures.factories import perturb_lora, policy_noise, tiny_policy
+from tests.fixtures.policy_checks import (
+    assert_pipeline_reproduces_lora,
+    replay_log_prob,
+    train_and_export_lora,
+)
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 
@@ -23,16 +27,6 @@ def sdxl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sdxl") / "pipeline"
     build_tiny_sdxl_pipeline(path)
     return path
-
-
-def _policy(sdxl_dir, steps: int, guidance: float, **sample) -> DiffusionPolicy:
-    overrides = {
-        "model.pretrained": str(sdxl_dir),
-        "sample.num_steps": steps,
-        "sample.guidance_scale": guidance,
-    }
-    config = build_config(overrides=overrides)
-    return DiffusionPolicy.from_config(config.model, dataclasses.replace(config.sample, **sample))
 
 
 def _pipe_images(pipe, noise, steps=4, guidance=3.0):
@@ -47,7 +41,7 @@ def _pipe_images(pipe, noise, steps=4, guidance=3.0):
 
 
 def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
-    policy = _policy(sdxl_dir, 4, 3.0, eta=0.0)  # eta 0: a config refuses it, the test needs it
+    policy = tiny_policy(sdxl_dir, 4, 3.0, eta=0.0)  # eta 0: a config refuses it, the test needs it
     assert policy.is_sdxl and type(policy.pipe).__name__ == "StableDiffusionXLPipeline"
     noise = policy_noise(policy, 2, seed=3)
     traj = policy.sample(policy.unet, PROMPTS, noise)
@@ -71,22 +65,11 @@ def test_sdxl_policy_samples_what_the_pipeline_samples(sdxl_dir):
 
 
 def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
-    policy = _policy(sdxl_dir, 3, 4.0)
-    torch.manual_seed(0)
-    for p in policy.trainable_parameters():
-        p.data.normal_(0, 0.05)
+    policy = tiny_policy(sdxl_dir, 3, 4.0)
+    perturb_lora(policy)
     traj = policy.sample(policy.unet, PROMPTS, policy_noise(policy, 2))
     for k in range(3):
-        log_prob = policy.step_log_prob(
-            policy.unet,
-            traj.latents[:, k],
-            traj.latents[:, k + 1],
-            traj.timesteps[:, k],
-            traj.prompt_embeds,
-            traj.negative_embeds,
-            traj.pooled_embeds,
-            traj.negative_pooled,
-        )
+        log_prob = replay_log_prob(policy, policy.unet, traj, k)
         torch.testing.assert_close(log_prob, traj.log_probs[:, k], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="pooled"):
         policy.step_log_prob(
@@ -99,26 +82,15 @@ def test_sdxl_reevaluated_log_prob_has_ratio_one(sdxl_dir):
         )
 
 
-def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, make_trainer, tmp_path):
+def test_sdxl_tdpo_r_epoch_trains_and_exports_a_loadable_lora(sdxl_dir, make_trainer):
     trainer = make_trainer(
         pipeline_dir=sdxl_dir, **{"train.epochs": 1, "train.learning_rate": 1e-2}
     )
-    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
-    assert trainer.train() == 0
-    after = dict(trainer.unet.named_parameters())
-    assert any(not torch.equal(before[n], after[n]) for n in before), "the LoRA did not train"
-    final = tmp_path / "run" / "final"
-    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    final = train_and_export_lora(trainer)
     policy = trainer.policy
     policy.sample_cfg = dataclasses.replace(policy.sample_cfg, eta=0.0)
-    noise = policy_noise(policy, 2, seed=7)
-    ours = policy.sample(trainer.unet, PROMPTS, noise).images
     pipe = load_pipeline(str(sdxl_dir))
-    base = _pipe_images(pipe, noise, guidance=policy.sample_cfg.guidance_scale)
-    pipe.load_lora_weights(final)
-    theirs = _pipe_images(pipe, noise, guidance=policy.sample_cfg.guidance_scale)
-    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
-    assert (base - ours).abs().max() > 1e-3, "LoRA had no effect: the test could not fail"
+    assert_pipeline_reproduces_lora(policy, trainer.unet, pipe, final, PROMPTS, atol=2e-4, eta=0.0)
 
 
 def test_other_pipeline_classes_are_a_usage_error(tmp_path):
