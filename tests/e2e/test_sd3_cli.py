@@ -9,36 +9,14 @@ import pytest
 import torch
 
 from tdpo.cli import main
+from tests.fixtures.factories import SD3_ISSUE_SETTINGS, as_set_args, diffusers_sd3_pipeline
 
+# exactly the issue's command: 8 samples give 2 prompts x 4 (sample.prompts_per_epoch unset)
 DONE_WHEN = [
     "--reward",
     "jpeg_compressibility",
-    "--set",
-    "prompts.train=simple_animals",
-    "--set",
-    "reward.panel=[]",
-    "--set",
-    "eval.every=0",
-    "--set",
-    "sample.num_steps=4",
-    "--set",
-    "sample.samples_per_epoch=8",
-    "--set",
-    "sample.batch_size=4",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.epochs=2",
-]  # exactly the issue's command: 8 samples give 2 prompts x 4 (sample.prompts_per_epoch unset)
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from tdpo.tiny import build_tiny_sd3_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
-    build_tiny_sd3_pipeline(path)
-    return path
+    *as_set_args({**SD3_ISSUE_SETTINGS, "eval.every": 0, "train.epochs": 2}),
+]
 
 
 def _images(pipe):
@@ -59,18 +37,15 @@ def _images(pipe):
     ],
     ids=["grpo", "tdpo-r-latent"],
 )
-def test_train_on_sd3_exports_a_lora_the_pipeline_loads(sd3_dir, tmp_path, preset_args, capsys):
-    from diffusers import StableDiffusion3Pipeline
-
-    args = ["train", *preset_args, "--model", str(sd3_dir), *DONE_WHEN]
+def test_train_on_sd3_exports_a_lora_the_pipeline_loads(
+    tiny_sd3_dir, tmp_path, preset_args, capsys
+):
+    args = ["train", *preset_args, "--model", str(tiny_sd3_dir), *DONE_WHEN]
     assert main([*args, "--output-dir", str(tmp_path), "--set", "run_name=run"]) == 0
     assert "epoch 2/2" in capsys.readouterr().out
     final = tmp_path / "run" / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file()
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(sd3_dir), text_encoder_3=None, tokenizer_3=None
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_sd3_pipeline(tiny_sd3_dir)
     base = _images(pipe)
     pipe.load_lora_weights(str(final))
     # reproducible to ~1e-6 on the same noise; two epochs at the default learning rate move

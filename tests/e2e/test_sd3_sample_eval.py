@@ -15,6 +15,7 @@ import torch
 
 from tdpo.cli import main
 from tdpo.errors import UsageError
+from tests.fixtures.factories import SD3_ISSUE_SETTINGS, as_set_args
 
 # The issue's command, at one epoch.
 COMMAND = [
@@ -22,38 +23,14 @@ COMMAND = [
     "grpo",
     "--reward",
     "jpeg_compressibility",
-    "--set",
-    "prompts.train=simple_animals",
-    "--set",
-    "reward.panel=[]",
-    "--set",
-    "sample.num_steps=4",
-    "--set",
-    "sample.samples_per_epoch=8",
-    "--set",
-    "sample.batch_size=4",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "log.tensorboard=false",
+    *as_set_args({**SD3_ISSUE_SETTINGS, "train.epochs": 1, "log.tensorboard": False}),
 ]
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from tdpo.tiny import build_tiny_sd3_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
-    build_tiny_sd3_pipeline(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lora_run(sd3_dir, tmp_path_factory):
+def lora_run(tiny_sd3_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    args = ["train", "--model", str(sd3_dir), *COMMAND, "--set", "eval.every=0"]
+    args = ["train", "--model", str(tiny_sd3_dir), *COMMAND, "--set", "eval.every=0"]
     assert main([*args, "--output-dir", str(out), "--set", "run_name=lora"]) == 0
     return out / "lora"
 
@@ -113,14 +90,14 @@ def test_eta_for_sd3_and_a_damaged_lora_are_one_line_errors(lora_run, tmp_path, 
     assert err.startswith("tdpo: error: --lora=") and "damaged" in err and err.count("\n") == 1
 
 
-def test_full_finetune_with_held_out_evaluation(sd3_dir, tmp_path, capsys):
+def test_full_finetune_with_held_out_evaluation(tiny_sd3_dir, tmp_path, capsys):
     """model.finetune=full writes final/transformer/: the closing line says so, and the Python
     API and tdpo sample load it; eval.every=1 evaluates the SD3 run on held-out prompts."""
     import tdpo
 
     prompts = tmp_path / "heldout.txt"
     prompts.write_text("a cat\na dog\n")
-    args = ["train", "--model", str(sd3_dir), *COMMAND, "--set", "model.finetune=full"]
+    args = ["train", "--model", str(tiny_sd3_dir), *COMMAND, "--set", "model.finetune=full"]
     args += ["--set", "eval.every=1", "--set", f"eval.prompt_sets=[{prompts}]"]
     args += ["--set", "eval.seeds_per_prompt=1", "--output-dir", str(tmp_path)]
     assert main([*args, "--set", "run_name=full"]) == 0
@@ -136,7 +113,7 @@ def test_full_finetune_with_held_out_evaluation(sd3_dir, tmp_path, capsys):
     trained = pipe.transformer.state_dict()
     from tdpo.policy import load_pipeline
 
-    base = load_pipeline(str(sd3_dir)).transformer.state_dict()
+    base = load_pipeline(str(tiny_sd3_dir)).transformer.state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base), "final/transformer not loaded"
     out = tmp_path / "s"
     assert main(["sample", "--lora", str(run), "--prompt", "a cat", "--out", str(out)]) == 0
