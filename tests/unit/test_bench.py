@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tdpo.bench import PeakMemory, alternate, linear_fit, paired_ratio
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.processes import run_gpu_check_tiny
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
@@ -60,19 +55,7 @@ def test_bench_rejects_bad_sizes(capsys):
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_gpu_check_tiny_runs_on_cpu(arch, tmp_path):
-    out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    script = str(ROOT / "benchmarks" / "gpu_check.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--tiny", "--arch", arch, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    _, data = run_gpu_check_tiny(["--arch", arch], tmp_path)
     parts = [
         "1_pipe_call",
         "2_policy_sample_vs_pipe",

@@ -4,29 +4,11 @@ DDPO-100, and the ratios it prints."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.processes import run_gpu_check_tiny
 
 
 def test_gpu_check_critic_decoder_tiny_runs_on_cpu(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    script = str(ROOT / "benchmarks" / "gpu_check.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--tiny", "--only", "critic-decoder", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    proc, data = run_gpu_check_tiny(["--only", "critic-decoder"], tmp_path, OMP_NUM_THREADS="1")
     for part in ("3_tdpo_r_image_epoch", "3t_tdpo_r_image_tiny_epoch", "5_ddpo100_epoch"):
         assert data[part]["seconds_value"] >= 0, data[part]
     assert "1_pipe_call" not in data and "4_tdpo_r_latent_epoch" not in data

@@ -4,29 +4,11 @@ runs at toy size."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.processes import run_gpu_check_tiny
 
 
 def test_gpu_check_sd3_tiny_runs_on_cpu(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    script = str(ROOT / "benchmarks" / "gpu_check.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--tiny", "--arch", "sd3", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    proc, data = run_gpu_check_tiny(["--arch", "sd3"], tmp_path)
     for part in (
         "1_pipe_call",
         "2_policy_sample_vs_pipe",
