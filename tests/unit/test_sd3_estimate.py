@@ -6,24 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.gpu_check import SD35M_TRANSFORMER as SD35_MEDIUM
 from tdpo.cli import main
 from tdpo.estimate import KNOWN_LORA_PER_RANK, KNOWN_PIPELINES, flow_lora_per_rank
 
-SD35_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "out_channels": 16,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
+# SD35_MEDIUM: stabilityai/stable-diffusion-3.5-medium's transformer config, as the GPU check
+# builds it; the tests hold tdpo's figures for that model to the architecture it builds.
 MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
