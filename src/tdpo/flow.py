@@ -23,7 +23,6 @@ treat it as SD's UNet. The LoRA exports for ``StableDiffusion3Pipeline.load_lora
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -84,6 +83,8 @@ class FlowPolicy(PolicyBase):
     """Frozen VAE and text encoders, an SD3 transformer with trainable LoRA (or fully
     trainable), Flow-GRPO's SDE sampler."""
 
+    denoiser_name = "transformer"
+
     def __init__(self, pipe, model_cfg: ModelConfig, sample_cfg: SampleConfig):
         super().__init__()
         self.pipe = pipe
@@ -116,18 +117,14 @@ class FlowPolicy(PolicyBase):
     def from_config(
         cls, model_cfg: ModelConfig, sample_cfg: SampleConfig, dtype: torch.dtype = torch.float32
     ) -> FlowPolicy:
+        from tdpo.backbones.sources import hub_access
         from tdpo.paths import resolve_alias
 
         location = resolve_alias(model_cfg.pretrained)
-        hub = contextlib.nullcontext(False)
         if Path(location).expanduser().is_dir():
             location = str(Path(location).expanduser())
-        else:  # a Hub id: the local cache only when the Hub cannot be reached (no retries)
-            from tdpo.backbones.sources import cache_only_unless_reachable
-
-            hub = cache_only_unless_reachable()
-        try:
-            with hub as cache_only:
+        try:  # a Hub id: the local cache only when the Hub cannot be reached (no retries)
+            with hub_access(location) as cache_only:
                 pipe = load_flow_pipeline(location, model_cfg.revision, dtype, cache_only)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -146,20 +143,6 @@ class FlowPolicy(PolicyBase):
     def text_encoders(self) -> list[nn.Module]:
         encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
         return [e for e in encoders if e is not None]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def image_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def noise_shape(self) -> tuple[int, ...]:
-        """One sample's noise: x at s = 1 and the draw of each of the T steps, [T+1, C, h, w]."""
-        c = self.unet.config
-        return (self.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
 
     @property
     def text_feature_dim(self) -> int:
@@ -342,16 +325,7 @@ class FlowPolicy(PolicyBase):
         else:
             sigmas = self.schedule(latents.device)[1]
             sigma, sigma_next = sigmas[k], sigmas[k + 1]
-        velocity = self.predict_velocity(
-            unet,
-            latents,
-            t,
-            conditions.prompt_embeds,
-            conditions.negative_embeds,
-            self.sample_cfg.guidance_scale,
-            conditions.pooled,
-            conditions.negative_pooled,
-        )
+        velocity = self._guided_prediction(unet, latents, t, conditions)
         return flow_sde_step_logprob(
             velocity,
             sigma,
@@ -370,21 +344,3 @@ class FlowPolicy(PolicyBase):
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(unwrap(self.unet))
-
-    def save_final(self, directory: Path) -> None:
-        """LoRA for ``StableDiffusion3Pipeline.load_lora_weights(directory)``
-        (``pytorch_lora_weights.safetensors``), or the full transformer (``transformer/``)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        transformer = unwrap(self.unet)
-        if self.model_cfg.finetune == "lora":
-            type(self.pipe).save_lora_weights(
-                directory,
-                transformer_lora_layers={
-                    k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()
-                },
-                transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-                safe_serialization=True,
-            )
-        else:
-            transformer.save_pretrained(directory / "transformer", safe_serialization=True)

@@ -55,31 +55,25 @@ def _location(spec: str) -> str:
     return str(Path(spec).expanduser()) if looks_like_path(spec) else spec
 
 
-def _hub_access(spec: str):
-    """Around a load of ``spec``: a folder needs no Hub; a Hub id reads the local cache only
-    when the Hub cannot be reached (:func:`tdpo.backbones.sources.cache_only_unless_reachable`,
-    shared with the rewards), so that a cached pipeline loads at once and a missing one fails
-    at once, not after huggingface_hub's retries. Yields ``local_files_only``."""
-    import contextlib
-
-    if looks_like_path(resolve_alias(spec)):
-        return contextlib.nullcontext(False)
-    from tdpo.backbones.sources import cache_only_unless_reachable  # deferred: huggingface_hub
-
-    return cache_only_unless_reachable()
-
-
 def pipeline_class(spec: str, revision: str | None = None) -> str:
     """The pipeline class named in ``model_index.json`` (Hub id or folder; only that file is
-    read); a UsageError unless it is one tdpo fine-tunes."""
+    read); a UsageError unless it is one tdpo fine-tunes.
+
+    Loads here and in :func:`load_pipeline` run in :func:`tdpo.backbones.sources.hub_access`: a
+    folder needs no Hub; a Hub id reads the local cache only when the Hub cannot be reached, so
+    that a cached pipeline loads at once and a missing one fails at once, not after
+    huggingface_hub's retries."""
     from diffusers import DiffusionPipeline
 
+    from tdpo.backbones.sources import hub_access
+
     spec = resolve_alias(spec)
-    check_pipeline_path(spec)
+    check_pipeline_path(spec)  # past it, spec is an existing folder or a Hub id
+    location = _location(spec)
     try:
-        with _hub_access(spec) as cache_only:
+        with hub_access(location) as cache_only:
             config = DiffusionPipeline.load_config(
-                _location(spec), revision=revision, local_files_only=cache_only
+                location, revision=revision, local_files_only=cache_only
             )
         class_name = config.get("_class_name")
     except (OSError, ValueError) as exc:
@@ -102,7 +96,10 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
     import diffusers
     from diffusers import DDIMScheduler
 
+    from tdpo.backbones.sources import hub_access
+
     class_name = pipeline_class(spec, revision)
+    location = _location(spec)
     extra = {}
     if class_name == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -110,14 +107,14 @@ def load_pipeline(spec: str, revision: str | None = None, dtype: torch.dtype = t
         from tdpo.flow import load_flow_pipeline  # deferred: only for flow models
 
         try:
-            with _hub_access(spec) as cache_only:
-                return load_flow_pipeline(_location(spec), revision, dtype, cache_only)
+            with hub_access(location) as cache_only:
+                return load_flow_pipeline(location, revision, dtype, cache_only)
         except (OSError, ValueError) as exc:
             raise _load_error(spec, exc) from None
     try:
-        with _hub_access(spec) as cache_only:
+        with hub_access(location) as cache_only:
             pipe = getattr(diffusers, class_name).from_pretrained(
-                _location(spec),
+                location,
                 revision=revision,
                 torch_dtype=dtype,
                 local_files_only=cache_only,
@@ -181,17 +178,6 @@ class DiffusionPolicy(PolicyBase):
         return make_policy(pipe, model_cfg, sample_cfg)
 
     # -- properties ---------------------------------------------------------------------------
-
-    @property
-    def image_size(self) -> int:
-        return self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
-
-    @property
-    def noise_shape(self) -> tuple[int, ...]:
-        """The shape of one sample's noise: x_T and the draw of each of the T steps, [T+1, C, h, w]
-        (see :meth:`sample`)."""
-        c = self.unet.config
-        return (self.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
 
     @property
     def text_feature_dim(self) -> int:
@@ -331,16 +317,7 @@ class DiffusionPolicy(PolicyBase):
     ) -> DDIMStepOutput:
         """One DDIM step (eta = ``sample.eta``) at timestep ``t`` (DDIM needs no step index
         ``k``): log pi_theta(``prev_sample`` | ``latents``), or a draw from ``noise``."""
-        noise_pred = self.predict_noise(
-            unet,
-            latents,
-            t,
-            conditions.prompt_embeds,
-            conditions.negative_embeds,
-            self.sample_cfg.guidance_scale,
-            conditions.pooled,
-            conditions.negative_pooled,
-        )
+        noise_pred = self._guided_prediction(unet, latents, t, conditions)
         # drawing (prev_sample None): x_{k+1} = mu_theta(x_k) + sigma_k * z_k with z = noise,
         # and log pi_theta(x_{k+1} | x_k); else log pi_theta(prev_sample | x_k)
         return ddim_step_logprob(
@@ -356,23 +333,8 @@ class DiffusionPolicy(PolicyBase):
     # -- export -------------------------------------------------------------------------------
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's LoRA weights, diffusers names."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(self.unet)))
-
-    def save_final(self, directory: Path) -> None:
-        """LoRA in diffusers format (``pipe.load_lora_weights(directory)``), or the full UNet."""
-        directory.mkdir(parents=True, exist_ok=True)
-        unet = unwrap(self.unet)
-        if self.model_cfg.finetune == "lora":
-            type(self.pipe).save_lora_weights(
-                directory,
-                unet_lora_layers={
-                    k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()
-                },
-                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-                safe_serialization=True,
-            )
-        else:
-            unet.save_pretrained(directory / "unet", safe_serialization=True)

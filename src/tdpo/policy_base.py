@@ -11,6 +11,7 @@ import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
@@ -115,6 +116,7 @@ class PolicyBase(nn.Module):
     model_cfg: ModelConfig
     sample_cfg: SampleConfig
     unet: nn.Module
+    denoiser_name = "unet"  # the pipeline component ``self.unet`` is (SD3: "transformer")
 
     def _setup_finetune(self, what: str) -> None:
         """LoRA adapters on ``model.lora_targets`` of ``self.unet`` (B = 0: the adapted model
@@ -153,6 +155,21 @@ class PolicyBase(nn.Module):
     @property
     def use_cfg(self) -> bool:
         return self.sample_cfg.guidance_scale > 1.0
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's noise: x_T (flow: x at s = 1) and the draw of each of the
+        T steps, [T+1, C, h, w] (see :meth:`sample`)."""
+        c = self.unet.config
+        return (self.sample_cfg.num_steps + 1, c.in_channels, c.sample_size, c.sample_size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -225,6 +242,22 @@ class PolicyBase(nn.Module):
         the x_{k+1} whose log-prob to compute; else x_{k+1} = mean + std * ``noise`` is drawn.
         ``k=None``: ``t`` is a [B] tensor of per-sample timesteps of the schedule."""
         raise NotImplementedError
+
+    def _guided_prediction(
+        self, unet: nn.Module, latents: torch.Tensor, t: torch.Tensor, conditions: Conditions
+    ) -> torch.Tensor:
+        """The denoiser's output for :meth:`_step` (DDIM: the noise, flow: the velocity), with
+        classifier-free guidance at ``sample.guidance_scale`` when ``conditions`` has negatives."""
+        return self.predict_noise(
+            unet,
+            latents,
+            t,
+            conditions.prompt_embeds,
+            conditions.negative_embeds,
+            self.sample_cfg.guidance_scale,
+            conditions.pooled,
+            conditions.negative_pooled,
+        )
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -331,6 +364,31 @@ class PolicyBase(nn.Module):
         return self._step(
             unet, latents, None, timesteps, conditions, prev_sample=next_latents
         ).log_prob
+
+    # -- export -------------------------------------------------------------------------------
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The denoiser's LoRA weights, as the pipeline's ``save_lora_weights`` takes them."""
+        raise NotImplementedError
+
+    def save_final(self, directory: Path) -> None:
+        """LoRA for the pipeline's ``load_lora_weights(directory)``
+        (``pytorch_lora_weights.safetensors``), or the full denoiser (``directory/unet``; SD3:
+        ``directory/transformer``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        denoiser = unwrap(self.unet)
+        name = self.denoiser_name
+        if self.model_cfg.finetune == "lora":
+            layers = {k: v.detach().float().cpu() for k, v in self.lora_state_dict().items()}
+            metadata = denoiser.peft_config["default"].to_dict()
+            type(self.pipe).save_lora_weights(
+                directory,
+                **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata},
+                safe_serialization=True,
+            )
+        else:
+            denoiser.save_pretrained(directory / name, safe_serialization=True)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
