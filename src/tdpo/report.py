@@ -628,6 +628,25 @@ def _mark_ends(ax, xs, ys, colour) -> None:
     ax.plot([xs[-1]], [ys[-1]], "s", ms=7, color=colour, zorder=4)
 
 
+# More entries than this and a panel's legend would cover its data: it goes beside the figure.
+LEGEND_INSIDE_MAX = 4
+
+
+def _legend(ax, handles=None, labels=None, fontsize: int = 8) -> None:
+    """The legend of ``ax``'s lines: inside the panel when short, else outside the figure on
+    the right (the constrained layout makes room), so it never hides the curves."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if len(labels) <= LEGEND_INSIDE_MAX:
+        ax.legend(handles, labels, fontsize=fontsize)
+    elif not ax.figure.legends:  # one per figure: the panels share their methods
+        fig = ax.figure
+        width, height = fig.get_size_inches()
+        longest = max(len(label) for label in labels)
+        fig.set_size_inches(width + 0.6 + 0.075 * fontsize / 8 * longest, height)
+        fig.legend(handles, labels, loc="outside right upper", fontsize=fontsize)
+
+
 def _ends_legend(ax, start: str, end: str, fontsize: int = 8) -> None:
     """The method legend plus the start / end markers' meaning."""
     from matplotlib.lines import Line2D  # deferred with matplotlib
@@ -637,7 +656,7 @@ def _ends_legend(ax, start: str, end: str, fontsize: int = 8) -> None:
         Line2D([], [], ls="", marker="o", ms=7, mfc="white", mec="#444", mew=1.5),
         Line2D([], [], ls="", marker="s", ms=7, color="#444"),
     ]
-    ax.legend(handles, labels + [start, end], fontsize=fontsize)
+    _legend(ax, handles, labels + [start, end], fontsize)
 
 
 def _queries_by_epoch(run: Run) -> dict[int, float]:
@@ -670,7 +689,7 @@ def plot_sample_efficiency(groups, colours, out: Path) -> list[tuple[str, str]]:
         ax.set_ylabel(f"{reward}, epoch mean")
         ax.set_title(f"sample efficiency: {reward}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     name = "sample_efficiency.png"
     _save(fig, out / name)
     spread = (
@@ -812,7 +831,7 @@ def plot_heldout_curves(groups, colours, out: Path) -> list[tuple[str, str]]:
             ax.set_title(f"{name}{kind}", fontsize=10)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("held-out mean")
-        axes[0].legend(fontsize=7)
+        _legend(axes[0], fontsize=7)
         name = f"heldout_{g_index}.png"
         _save(fig, out / name)
         spread = (
@@ -933,7 +952,7 @@ def plot_dynamics(runs: list[Run], colours, out: Path) -> list[tuple[str, str]]:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    _legend(axes[0])
     name = "critic_dynamics.png"
     _save(fig, out / name)
     return [
@@ -979,7 +998,7 @@ def plot_critic_quarters(runs: list[Run], colours, out: Path) -> list[tuple[str,
         ax.set_title(f"{q}{where}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("explained variance")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     name = "critic_quarters.png"
     _save(fig, out / name)
     return [

@@ -241,3 +241,22 @@ def test_value_at_level_interpolates_the_first_crossing():
     assert value_at_level(xs, ys, 1.5) == pytest.approx(15.0)
     assert value_at_level(xs, ys, 0.5) == 10.0  # already above at the first point
     assert value_at_level(xs, ys, 4.0) is None
+
+
+def test_long_legends_go_beside_the_figure_short_ones_stay_in_the_panel():
+    from tdpo.report import LEGEND_INSIDE_MAX, _figure, _legend
+
+    fig, axes = _figure(2)
+    width = fig.get_size_inches()[0]
+    for i in range(LEGEND_INSIDE_MAX + 3):
+        for ax in axes:
+            ax.plot([0, 1], [i, i], label=f"method {i} with a long descriptive label")
+    for ax in axes:
+        _legend(ax)
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
+    assert fig.get_size_inches()[0] > width  # room made for it, not taken from the panels
+
+    fig, axes = _figure(1)
+    axes[0].plot([0, 1], [0, 1], label="TDPO-R")
+    _legend(axes[0])
+    assert not fig.legends and axes[0].get_legend() is not None
