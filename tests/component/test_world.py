@@ -25,14 +25,7 @@ GOLD = ["shapes_gold_alignment", "shapes_gold_aesthetic", "shapes_gold"]
 shipped = pytest.mark.skipif(
     not (PIPELINE_DIR / "model_index.json").exists(), reason="shapes world weights not shipped"
 )
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the pre-training sets its own count
 
 
 def test_prompt_sets_registered():

@@ -19,14 +19,9 @@ from tdpo.world import (  # noqa: E402
     PIPELINE_DIR,
     WEIGHTS_DIR,
 )
+from tests.fixtures.factories import diffusers_sd3_pipeline  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the pre-training sets its own count
 
 
 def _perturbed_transformer():
@@ -71,7 +66,7 @@ def test_one_token_with_log_repeat_bias_equals_the_pipelines_256_zero_t5_tokens(
 
 
 def test_flow_world_pretrain_tiny_end_to_end(tmp_path, capsys):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from tdpo.cli import main
 
@@ -97,9 +92,7 @@ def test_flow_world_pretrain_tiny_end_to_end(tmp_path, capsys):
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert index["text_encoder_3"] == [None, None]
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        out / "pipeline", text_encoder_3=None, tokenizer_3=None
-    )
+    pipe = diffusers_sd3_pipeline(out / "pipeline")
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     # a second run skips every finished stage, and prints the figures
@@ -109,8 +102,6 @@ def test_flow_world_pretrain_tiny_end_to_end(tmp_path, capsys):
 
 
 def test_shapes_flow_alias_and_shipped_pipeline_samples():
-    from diffusers import StableDiffusion3Pipeline
-
     from tdpo.paths import resolve_alias
 
     assert resolve_alias("shapes-flow") == str(FLOW_PIPELINE_DIR)
@@ -119,10 +110,7 @@ def test_shapes_flow_alias_and_shipped_pipeline_samples():
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     report = json.loads((WEIGHTS_DIR / "flow_report.json").read_text())
     assert report["pretraining"]["transformer"]["steps"] >= 1000  # the full run, not a toy one
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        FLOW_PIPELINE_DIR, text_encoder_3=None, tokenizer_3=None
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_sd3_pipeline(FLOW_PIPELINE_DIR)
     prompt = "a large red circle on a white background"
     assert len(pipe.tokenizer_2(prompt).input_ids) == len(prompt.split()) + 2
     images = pipe(
