@@ -25,16 +25,8 @@ pytest.importorskip("transformers")
 from tdpo.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from tdpo.errors import UsageError  # noqa: E402
 from tdpo.rewards import hub  # noqa: E402
+from tests.fixtures.tiny_clip import STD, save_tiny_clip, text_config  # noqa: E402
 
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=30,
-    patch_size=6,
-)
-MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 # Pixel-value parity in [0, 1] units (normalized difference times std): see
 # tests/unit/test_backbones.py; smooth images differ only by the processor's uint8 rounding.
 PIXEL_ATOL = 1.1 / 255
@@ -55,32 +47,11 @@ def _tiny_tokenizer():
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
     tokenizer, vocab_size = _tiny_tokenizer()
-    text = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
     folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(
-        CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)
-    ).save_pretrained(folder)
+    text = text_config(vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    save_tiny_clip(folder, text)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 30},
-        crop_size={"height": 30, "width": 30},
-        image_mean=MEAN,
-        image_std=STD,
-    ).save_pretrained(folder)
     return folder
 
 

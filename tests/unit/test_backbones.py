@@ -13,51 +13,18 @@ from tdpo.backbones import (
     preprocess_images,
 )
 from tdpo.errors import UsageError
+from tests.fixtures.tiny_clip import VISION, save_tiny_clip, text_config
 
 transformers = pytest.importorskip("transformers")
-
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=30,
-    patch_size=6,
-)
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=99,
-    max_position_embeddings=77,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
 
 
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
     """A full CLIPModel folder (with a processor) and a CLIPVisionModelWithProjection folder."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(0)
     full = tmp_path_factory.mktemp("clip_full")
-    model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)).eval()
-    model.save_pretrained(full)
-    CLIPImageProcessor(
-        size={"shortest_edge": 30},
-        crop_size={"height": 30, "width": 30},
-        image_mean=[0.5, 0.4, 0.3],
-        image_std=[0.2, 0.25, 0.3],
-    ).save_pretrained(full)
+    model = save_tiny_clip(full, text_config(vocab_size=99, bos_token_id=0, eos_token_id=1))
     vision = tmp_path_factory.mktemp("clip_vision")
     CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=12)).save_pretrained(
         vision
