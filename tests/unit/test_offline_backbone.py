@@ -4,15 +4,10 @@ and by a named spec; a local folder needs no probe of the Hub."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
-import pytest
-
 from tdpo.backbones import load_image_embedder, sources
-from tests.fixtures.hub_cache import cache_repo, silent_endpoint
+from tests.fixtures.hub_cache import cache_repo, run_against_silent_hub, silent_endpoint
 
 REPO = "tdpo-test/tiny-clip"
 
@@ -32,21 +27,10 @@ for spec in sys.argv[1:]:
 
 def test_a_cached_hub_backbone_loads_at_once_when_the_hub_does_not_answer(tiny_clip_dir, tmp_path):
     cache_repo(tmp_path / "hf" / "hub", REPO, tiny_clip_dir)
-    with silent_endpoint() as endpoint:
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint}
-        env["TDPO_CLIP_L14"] = REPO  # the named spec "clip" reads the same cached model
-        env.pop("HF_HUB_OFFLINE", None)
-        env.pop("TRANSFORMERS_OFFLINE", None)
-        try:
-            result = subprocess.run(
-                [sys.executable, "-c", LOAD, REPO, f"hf:{REPO}", "clip"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail("loading a cached Hub backbone went through huggingface_hub's retries")
+    # TDPO_CLIP_L14: the named spec "clip" reads the same cached model
+    args = [REPO, f"hf:{REPO}", "clip"]
+    what = "a cached Hub backbone"
+    result = run_against_silent_hub(LOAD, args, tmp_path / "hf", what, TDPO_CLIP_L14=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split() for line in result.stdout.strip().splitlines()]
     assert [(spec, dim) for spec, dim, _ in lines] == [

@@ -4,19 +4,14 @@ does not answer (the local cache only, not huggingface_hub's retries)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tdpo.backbones import sources
 from tdpo.cli import main
 from tdpo.errors import UsageError
+from tests.fixtures.hub_cache import cache_repo, run_against_silent_hub
 
 MISSING = "openai/clip-vit-base-patch32"  # a Hub id the test cache does not hold
 
@@ -59,15 +54,6 @@ def test_a_critic_that_does_not_embed_images_needs_no_backbone(monkeypatch):
     assert info.value.field == "critic.backbone" and info.value.value == f"hf:{MISSING}"
 
 
-def _cache_repo(cache: Path, repo_id: str, folder: Path) -> None:
-    """``repo_id`` in huggingface_hub's cache layout (what ``hf download`` leaves)."""
-    commit = "0" * 40
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 LOAD = """
 import sys, time
 from tdpo.backbones import sources
@@ -84,27 +70,9 @@ def test_a_cached_hub_pipeline_loads_at_once_when_the_hub_does_not_answer(
 ):
     """The endpoint accepts connections and never answers (a stalled proxy): huggingface_hub
     alone waits and retries on every file (minutes); tdpo probes once and reads the cache."""
-    _cache_repo(tmp_path / "hf" / "hub", "tdpo-test/tiny-sd", tiny_pipeline_dir)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1024)  # never accepted: requests time out
-        env = {
-            **os.environ,
-            "HF_HOME": str(tmp_path / "hf"),
-            "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}",
-        }
-        env.pop("HF_HUB_OFFLINE", None)
-        env.pop("TRANSFORMERS_OFFLINE", None)
-        try:
-            result = subprocess.run(
-                [sys.executable, "-c", LOAD, "tdpo-test/tiny-sd"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail("loading a cached Hub pipeline went through huggingface_hub's retries")
+    cache_repo(tmp_path / "hf" / "hub", "tdpo-test/tiny-sd", tiny_pipeline_dir)
+    what = "a cached Hub pipeline"
+    result = run_against_silent_hub(LOAD, ["tdpo-test/tiny-sd"], tmp_path / "hf", what)
     assert result.returncode == 0, result.stderr[-2000:]
     name, seconds = result.stdout.split()[-2:]
     assert name == "StableDiffusionPipeline" and float(seconds) < 20
