@@ -4,6 +4,7 @@ retrieval, learned-reward correlations with gold."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +36,32 @@ def sample(
     batch: int = 256,
 ) -> torch.Tensor:
     """Images [N, 3, 32, 32] in [0, 1] from the pipeline, deterministic by seed."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        g = torch.Generator().manual_seed(seed * 100003 + i)
-        res = pipe(
-            prompts[i : i + batch],
+
+    def draw(chunk: list[str], g: torch.Generator) -> torch.Tensor:
+        return pipe(
+            chunk,
             num_inference_steps=steps,
             guidance_scale=guidance,
             eta=eta,
             generator=g,
             output_type="pt",
-        )
-        out.append(res.images.float().clamp(0, 1))
+        ).images
+
+    return batched_images(prompts, seed, batch, draw)
+
+
+def batched_images(
+    prompts: list[str],
+    seed: int,
+    batch: int,
+    draw: Callable[[list[str], torch.Generator], torch.Tensor],
+) -> torch.Tensor:
+    """``draw(chunk, generator)`` for ``prompts`` in chunks of ``batch``, each chunk's generator
+    seeded by ``seed`` and the chunk's offset; the images as float in [0, 1], concatenated."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        out.append(draw(prompts[i : i + batch], g).float().clamp(0, 1))
     return torch.cat(out)
 
 
@@ -59,6 +74,18 @@ def prompt_draw(prompts: list[str], n: int, seed: int) -> list[str]:
         rng.shuffle(block)
         out += block
     return out[:n]
+
+
+def eval_draws(n: int, seed: int) -> list[tuple[str, list[str], int]]:
+    """The base model's evaluation prompts, ``(name, n prompts, sampling seed)``: ``eval_seen``
+    (the training prompts) and ``eval_unseen``."""
+    draws = []
+    for name, pool, s in (
+        ("eval_seen", gen.seen_prompts(), seed + 202),
+        ("eval_unseen", gen.unseen_prompts(), seed + 303),
+    ):
+        draws.append((name, prompt_draw(pool, n, s), s))
+    return draws
 
 
 def gold_summary(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
@@ -142,11 +169,7 @@ def evaluate_world(
     if samples is None:
         pipe = load_pipeline(root / "pipeline")
         samples = {}
-        for name, pool, s in (
-            ("eval_seen", gen.seen_prompts(), seed + 202),
-            ("eval_unseen", gen.unseen_prompts(), seed + 303),
-        ):
-            prompts = prompt_draw(pool, n, s)
+        for name, prompts, s in eval_draws(n, seed):
             samples[name] = {"images": sample(pipe, prompts, seed=s), "prompts": prompts}
         imgs, prompts, _ = gen.generate(n, seed=seed + 404)
         samples["clean"] = {"images": imgs, "prompts": prompts}

@@ -35,7 +35,6 @@ cheaper. The saved transformer uses diffusers' default attention processor.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from tdpo.world import (
     WEIGHTS_DIR,
 )
 from tdpo.world import generator as gen
+from tdpo.world.evaluate import batched_images, eval_draws, evaluate_world, gold_summary
 from tdpo.world.pretrain import (
     CAPTION_DROPOUT,
     N_EVAL,
@@ -62,6 +62,8 @@ from tdpo.world.pretrain import (
     _scaled,
     _train_loop,
     _write_json,
+    pretraining_record,
+    run_stages,
 )
 
 FLOW_STAGES = ("latents", "transformer", "report")
@@ -306,18 +308,13 @@ def sample_ode(
 ) -> torch.Tensor:
     """Images [N, 3, 32, 32] in [0, 1] from ``StableDiffusion3Pipeline.__call__`` (its Euler
     ODE sampler), deterministic by seed."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        g = torch.Generator().manual_seed(seed * 100003 + i)
-        res = pipe(
-            prompts[i : i + batch],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=g,
-            output_type="pt",
-        )
-        out.append(res.images.float().clamp(0, 1))
-    return torch.cat(out)
+
+    def draw(chunk: list[str], g: torch.Generator) -> torch.Tensor:
+        return pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt"
+        ).images
+
+    return batched_images(prompts, seed, batch, draw)
 
 
 @torch.no_grad()
@@ -340,13 +337,12 @@ def sample_sde(
         SampleConfig(num_steps=steps, guidance_scale=guidance, noise_level=noise_level),
     )
     policy.unet.requires_grad_(False).eval()
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        g = torch.Generator().manual_seed(seed * 100003 + i)
+
+    def draw(chunk: list[str], g: torch.Generator) -> torch.Tensor:
         noise = torch.randn((len(chunk), *policy.noise_shape), generator=g)
-        out.append(policy.sample(policy.unet, chunk, noise).images.float().clamp(0, 1))
-    return torch.cat(out)
+        return policy.sample(policy.unet, chunk, noise).images
+
+    return batched_images(prompts, seed, batch, draw)
 
 
 def evaluate_flow_world(
@@ -360,18 +356,12 @@ def evaluate_flow_world(
     """The base flow model's gold figures (seen / unseen prompts, ``n`` each) with the
     pipeline's ODE sampler and tdpo's SDE sampler, and the learned rewards (of ``weights_dir``)
     against gold on them."""
-    from tdpo.world.evaluate import evaluate_world, gold_summary, prompt_draw
-
     pipeline_dir = Path(pipeline_dir)
     pipe = load_flow_pipeline(pipeline_dir)
     samples: dict[str, Any] = {}
     sde: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    for name, pool, s in (
-        ("eval_seen", gen.seen_prompts(), seed + 202),
-        ("eval_unseen", gen.unseen_prompts(), seed + 303),
-    ):
-        prompts = prompt_draw(pool, n, s)
+    for name, prompts, s in eval_draws(n, seed):
         t0 = time.time()
         samples[name] = {"images": to_uint8(sample_ode(pipe, prompts, seed=s)), "prompts": prompts}
         timings[f"ode_{name}"] = round(time.time() - t0, 1)
@@ -407,13 +397,7 @@ def stage_report(out: Path, scale: float, seed: int, quiet: bool, sd_dir: Path) 
         quiet=quiet,
         n_clean=_scaled(512, scale, 16),
     )
-    stages = {}
-    for stage in FLOW_STAGES[:-1]:
-        done = out / f"{stage}.done.json"
-        if done.exists():
-            stages[stage] = json.loads(done.read_text())
-    report["pretraining"] = stages
-    report["pretraining_seconds"] = round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    report.update(pretraining_record(out, FLOW_STAGES[:-1]))
     _write_json(out / "flow_report.json", report)
     return {"report": str(out / "flow_report.json")}
 
@@ -439,25 +423,8 @@ def run_flow_pretrain(
     torch.set_num_threads(num_threads)
     out, sd_dir = Path(out), Path(sd_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    for stage in stages or FLOW_STAGES:
-        done = out / f"{stage}.done.json"
-        if done.exists():
-            results[stage] = json.loads(done.read_text())
-            if not quiet:
-                print(f"[world] flow stage {stage}: already done, skipped")
-            continue
-        t0 = time.time()
-        if not quiet:
-            print(f"[world] flow stage {stage} ...", flush=True)
-        info = FLOW_STAGE_FNS[stage](out, steps_scale, seed, quiet, sd_dir)
-        info["seconds"] = round(time.time() - t0, 1)
-        _write_json(done, info)
-        results[stage] = info
-        if not quiet:
-            print(
-                f"[world] flow stage {stage} done in {info['seconds']:.1f} s: "
-                + json.dumps({k: v for k, v in info.items() if not isinstance(v, (dict, list))}),
-                flush=True,
-            )
-    return results
+
+    def run_stage(stage: str) -> dict:
+        return FLOW_STAGE_FNS[stage](out, steps_scale, seed, quiet, sd_dir)
+
+    return run_stages(out, stages or FLOW_STAGES, run_stage, quiet, "flow stage")

@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from tdpo.world import generator as gen
 from tdpo.world import gold, models
 from tdpo.world.evaluate import (
     clip_retrieval,
+    eval_draws,
     evaluate_world,
     load_pipeline,
     prompt_draw,
@@ -331,20 +332,20 @@ def _base_samples(out: Path, scale: float, seed: int, quiet: bool) -> dict[str, 
     if path.exists():
         return torch.load(path, weights_only=True)
     pipe = load_pipeline(out / "pipeline")
-    sets = {
-        "pool": (gen.seen_prompts(), _scaled(N_POOL, scale, 32), seed + 101),
-        "eval_seen": (gen.seen_prompts(), _scaled(N_EVAL, scale, 16), seed + 202),
-        "eval_unseen": (gen.unseen_prompts(), _scaled(N_EVAL, scale, 16), seed + 303),
-    }
+    n_pool = _scaled(N_POOL, scale, 32)
+    draws = [
+        ("pool", prompt_draw(gen.seen_prompts(), n_pool, seed + 101), seed + 101),
+        *eval_draws(_scaled(N_EVAL, scale, 16), seed),
+    ]
     data: dict[str, Any] = {}
-    for name, (pool, n, s) in sets.items():
+    for name, prompts, s in draws:
         t0 = time.time()
-        prompts = prompt_draw(pool, n, s)
         images = sample(pipe, prompts, seed=s)
         data[name] = {"images": to_uint8(images), "prompts": prompts}
         if not quiet:
             print(
-                f"[world] sampled {n} base images ({name}) in {time.time() - t0:.1f} s", flush=True
+                f"[world] sampled {len(prompts)} base images ({name}) in {time.time() - t0:.1f} s",
+                flush=True,
             )
     imgs, prompts, _ = gen.generate(_scaled(N_CLEAN, scale, 16), seed=seed + 404)
     data["clean"] = {"images": to_uint8(imgs), "prompts": prompts}
@@ -371,13 +372,7 @@ def stage_report(out: Path, scale: float, seed: int, quiet: bool) -> dict:
         hack_images=_scaled(64, scale, 4),
         hack_steps=_scaled(100, scale, 2),
     )
-    stages = {}
-    for stage in STAGES[:-1]:
-        done = out / f"{stage}.done.json"
-        if done.exists():
-            stages[stage] = json.loads(done.read_text())
-    report["pretraining"] = stages
-    report["pretraining_seconds"] = round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    report.update(pretraining_record(out, STAGES[:-1]))
     _write_json(out / "world_report.json", report)
     return {"report": str(out / "world_report.json")}
 
@@ -392,6 +387,51 @@ STAGE_FNS: dict[str, Callable[[Path, float, int, bool], dict]] = {
 }
 
 
+def pretraining_record(out: Path, stages: Sequence[str]) -> dict[str, Any]:
+    """For a report: the info of each of ``stages`` done in ``out`` (``pretraining``) and their
+    total seconds (``pretraining_seconds``)."""
+    done = {}
+    for stage in stages:
+        path = out / f"{stage}.done.json"
+        if path.exists():
+            done[stage] = json.loads(path.read_text())
+    return {
+        "pretraining": done,
+        "pretraining_seconds": round(sum(v.get("seconds", 0) for v in done.values()), 1),
+    }
+
+
+def run_stages(
+    out: Path, stages: Sequence[str], run_stage: Callable[[str], dict], quiet: bool, label: str
+) -> dict[str, dict]:
+    """``run_stage(stage)`` for each of ``stages`` that is not done in ``out`` yet; a stage's
+    info, with the seconds it took, is written to ``OUT/<stage>.done.json`` (and read from it
+    when done). ``label`` names the stages in progress lines ("stage", "flow stage"). Returns
+    {stage: info}."""
+    results: dict[str, dict] = {}
+    for stage in stages:
+        done = out / f"{stage}.done.json"
+        if done.exists():
+            results[stage] = json.loads(done.read_text())
+            if not quiet:
+                print(f"[world] {label} {stage}: already done, skipped")
+            continue
+        t0 = time.time()
+        if not quiet:
+            print(f"[world] {label} {stage} ...", flush=True)
+        info = run_stage(stage)
+        info["seconds"] = round(time.time() - t0, 1)
+        _write_json(done, info)
+        results[stage] = info
+        if not quiet:
+            print(
+                f"[world] {label} {stage} done in {info['seconds']:.1f} s: "
+                + json.dumps({k: v for k, v in info.items() if not isinstance(v, (dict, list))}),
+                flush=True,
+            )
+    return results
+
+
 def run_pretrain(
     out: str | Path,
     steps_scale: float = 1.0,
@@ -404,28 +444,11 @@ def run_pretrain(
     torch.set_num_threads(num_threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    for stage in stages or STAGES:
-        done = out / f"{stage}.done.json"
-        if done.exists():
-            results[stage] = json.loads(done.read_text())
-            if not quiet:
-                print(f"[world] stage {stage}: already done, skipped")
-            continue
-        t0 = time.time()
-        if not quiet:
-            print(f"[world] stage {stage} ...", flush=True)
-        info = STAGE_FNS[stage](out, steps_scale, seed, quiet)
-        info["seconds"] = round(time.time() - t0, 1)
-        _write_json(done, info)
-        results[stage] = info
-        if not quiet:
-            print(
-                f"[world] stage {stage} done in {info['seconds']:.1f} s: "
-                + json.dumps({k: v for k, v in info.items() if not isinstance(v, (dict, list))}),
-                flush=True,
-            )
-    return results
+
+    def run_stage(stage: str) -> dict:
+        return STAGE_FNS[stage](out, steps_scale, seed, quiet)
+
+    return run_stages(out, stages or STAGES, run_stage, quiet, "stage")
 
 
 if __name__ == "__main__":
