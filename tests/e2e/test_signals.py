@@ -13,22 +13,12 @@ import pytest
 
 from tdpo.checkpoint import list_checkpoints, read_manifest
 from tdpo.tracking import read_metrics
+from tests.fixtures.adversarial import start_cli
 from tests.fixtures.factories import tiny_train_args
-from tests.fixtures.processes import REPO, cli_env, run_cli, tdpo_command
+from tests.fixtures.processes import run_cli
 from tests.fixtures.run_checks import assert_only_complete_checkpoints
 
 LONG = 40  # epochs asked for: the run is always interrupted long before
-
-
-def start(args: list[str], slow_checkpoints: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(
-        tdpo_command(args, slow_checkpoints),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-    )
 
 
 def wait_for_rows(proc: subprocess.Popen, run_dir: Path, rows: int, timeout: float = 240) -> None:
@@ -51,7 +41,7 @@ def test_signal_checkpoints_and_exits_with_128_plus_signum(
 ):
     name = signal.Signals(signum).name
     run_dir = tmp_path / name
-    proc = start(
+    proc = start_cli(
         tiny_train_args(tiny_pipeline_dir, tiny_clip_dir, tmp_path, name, **{"train.epochs": LONG})
     )
     wait_for_rows(proc, run_dir, 1)
@@ -75,7 +65,7 @@ def test_signal_checkpoints_and_exits_with_128_plus_signum(
 def test_second_sigint_exits_at_once_without_corrupting(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
     run_dir = tmp_path / "twice"
     # Slow checkpoint writes: the second Ctrl-C lands while the interrupt checkpoint is written.
-    proc = start(
+    proc = start_cli(
         tiny_train_args(
             tiny_pipeline_dir, tiny_clip_dir, tmp_path, "twice", **{"train.epochs": LONG}
         ),
