@@ -1,8 +1,11 @@
 """What both workers of the peer benchmark share: the matched settings, the UNet pass counter
-and the report line. Imports only torch and the standard library (it runs in both venvs)."""
+and the report line; and the start of the one-process measurements (pass_profile.py,
+speedups.py). Imports only torch and the standard library at import time (it runs in both
+venvs); tdpo only inside the functions that need it, from src/."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -77,6 +80,36 @@ def shapes_prompts() -> list[str]:
     from tdpo.world.generator import seen_prompts
 
     return seen_prompts()
+
+
+def rounds_parser(doc: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """The command line of a one-process measurement: ``--rounds`` (alternating rounds, 5) and
+    ``--repeats`` (``repeats_help``, ``repeats`` by default); described by ``doc``'s first
+    paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    return parser
+
+
+def shapes_policy(**sample):
+    """tdpo's policy on the shapes world's pipeline (fp32, with tdpo's LoRA on its UNet) at the
+    matched steps, eta and guidance (``sample``: other SampleConfig fields), with torch on one
+    thread and warnings off. Returns (pipeline, policy)."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    shapes_prompts()  # puts src/ on sys.path
+    from tdpo.config import ModelConfig, SampleConfig
+    from tdpo.policy import load_pipeline, make_policy
+    from tdpo.world import PIPELINE_DIR
+
+    pipe = load_pipeline(str(PIPELINE_DIR), dtype=torch.float32)
+    sample_cfg = SampleConfig(num_steps=STEPS, eta=ETA, guidance_scale=GUIDANCE, **sample)
+    return pipe, make_policy(pipe, ModelConfig(pretrained=str(PIPELINE_DIR)), sample_cfg)
 
 
 def timed(fn):

@@ -23,7 +23,6 @@ Run with the peer venv (it imports both trl and tdpo's src/)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -41,30 +40,15 @@ import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10, help="training passes per timing")
+    parser = c.rounds_parser(__doc__, repeats=10, repeats_help="training passes per timing")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    c.shapes_prompts()  # src/ on sys.path
+    pipe, policy = c.shapes_policy(batch_size=c.SAMPLE_BATCH)
     from trl import DDPOConfig, DDPOTrainer
     from trl.models.modeling_sd_base import pipeline_step, scheduler_step
 
     from tdpo.algos.losses import ppo_clip_loss
-    from tdpo.config import ModelConfig, SampleConfig
-    from tdpo.policy import load_pipeline, make_policy
     from tdpo.sampling import sample_noise
-    from tdpo.world import PIPELINE_DIR
 
-    pipe = load_pipeline(str(PIPELINE_DIR), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    sample_cfg = SampleConfig(
-        num_steps=c.STEPS, eta=c.ETA, guidance_scale=c.GUIDANCE, batch_size=c.SAMPLE_BATCH
-    )
-    policy = make_policy(pipe, ModelConfig(pretrained=str(PIPELINE_DIR)), sample_cfg)
     unet = policy.unet  # with tdpo's LoRA; pipe.unet is the same module
     assert pipe.unet is unet
     prompts = c.shapes_prompts()[: c.SAMPLE_BATCH]

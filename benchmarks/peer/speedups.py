@@ -9,7 +9,6 @@ one process, one thread; with each variant's largest deviation from fp32 on the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -26,23 +25,10 @@ import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5, help="passes per timing")
+    parser = c.rounds_parser(__doc__, repeats=5, repeats_help="passes per timing")
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    c.shapes_prompts()
-    from tdpo.config import ModelConfig, SampleConfig
-    from tdpo.policy import load_pipeline, make_policy
-    from tdpo.world import PIPELINE_DIR
-
-    pipe = load_pipeline(str(PIPELINE_DIR), dtype=torch.float32)
-    cfg = SampleConfig(num_steps=c.STEPS, eta=c.ETA, guidance_scale=c.GUIDANCE)
-    policy = make_policy(pipe, ModelConfig(pretrained=str(PIPELINE_DIR)), cfg)
+    _, policy = c.shapes_policy()
     unet = policy.unet
     torch.manual_seed(0)
     for p in unet.parameters():  # LoRA B starts at 0: give it weight, so gradients are general
