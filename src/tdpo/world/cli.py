@@ -200,15 +200,12 @@ def run_world(args: argparse.Namespace) -> int:
                 )
                 return 2
             report = evaluate_flow_world(folder, n=args.samples, seed=args.seed)
-            _print_report(report)
-            if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
-            return 0
-        root = Path(args.model) if args.model else WEIGHTS_DIR
-        if not (root / "pipeline").is_dir():
-            print(f"tdpo world evaluate: no pipeline/ under {root}", file=sys.stderr)
-            return 2
-        report = evaluate_world(root, n=args.samples, seed=args.seed)
+        else:
+            root = Path(args.model) if args.model else WEIGHTS_DIR
+            if not (root / "pipeline").is_dir():
+                print(f"tdpo world evaluate: no pipeline/ under {root}", file=sys.stderr)
+                return 2
+            report = evaluate_world(root, n=args.samples, seed=args.seed)
         _print_report(report)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True))
