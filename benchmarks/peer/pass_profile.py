@@ -6,7 +6,9 @@ around the UNet:
 
 - ``floor_sample``: the bare guided UNet forward (batch 8 doubled for CFG, no grad), x 20, plus
   one VAE decode: the floor of one sampling batch;
-- ``tdpo_sample``: ``DiffusionPolicy.sample`` of 8 prompts, 20 DDIM steps with log-probs;
+- ``tdpo_sample``: ``DiffusionPolicy.sample`` of 8 prompts, 20 DDIM steps with log-probs, with
+  ``sample.merge_lora`` (tdpo's default: the LoRA folded into merged weights, so it can go below
+  the floor, which runs peft's LoRA layers); ``tdpo_unmerged_sample``: the same without it;
 - ``trl_sample``: TRL's ``pipeline_step`` (``DefaultDDPOStableDiffusionPipeline.__call__``) at
   the same settings, with the prompt embeddings encoded as ``DDPOTrainer._generate_samples``
   does;
@@ -54,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     prompts = c.shapes_prompts()[: c.SAMPLE_BATCH]
     noise = sample_noise(list(range(c.SAMPLE_BATCH)), policy.noise_shape)
 
-    def tdpo_sample():
+    def tdpo_sample():  # sample.merge_lora on (tdpo's default)
         return policy.sample(unet, prompts, noise)
+
+    def tdpo_unmerged_sample():  # sample.merge_lora off: the LoRA layers run as peft's
+        policy.sample_cfg.merge_lora = False
+        try:
+            return policy.sample(unet, prompts, noise)
+        finally:
+            policy.sample_cfg.merge_lora = True
 
     ids = pipe.tokenizer(
         prompts,
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     fns = {
         "floor_sample": floor_sample,
         "tdpo_sample": tdpo_sample,
+        "tdpo_unmerged_sample": tdpo_unmerged_sample,
         "trl_sample": trl_sample,
         "floor_train": floor_train,
         "tdpo_train": tdpo_train,
@@ -158,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     passes = {"sample": c.STEPS, "train": args.repeats}
     print(f"per pass, median of {args.rounds} alternating rounds (ms) and ratio to the floor:")
     for phase in ("sample", "train"):
+        sides = [n.removesuffix(f"_{phase}") for n in names if n.endswith(f"_{phase}")]
         floor = statistics.median(times[f"floor_{phase}"]) / passes[phase]
-        for side in ("floor", "tdpo", "trl"):
+        for side in sides:
             ms = statistics.median(times[f"{side}_{phase}"]) / passes[phase]
-            print(f"  {phase:<6} {side:<5} {ms * 1e3:7.2f} ms  x{ms / floor:.3f}")
-        tdpo = [a / b for a, b in zip(times[f"tdpo_{phase}"], times[f"trl_{phase}"])]
-        print(
-            f"  {phase:<6} tdpo/trl {statistics.median(tdpo):.3f} ({min(tdpo):.3f}-{max(tdpo):.3f})"
-        )
+            print(f"  {phase:<6} {side:<13} {ms * 1e3:7.2f} ms  x{ms / floor:.3f}")
+        for side in sides:
+            if side.startswith("tdpo"):
+                r = [a / b for a, b in zip(times[f"{side}_{phase}"], times[f"trl_{phase}"])]
+                print(
+                    f"  {phase:<6} {side}/trl {statistics.median(r):.3f} "
+                    f"({min(r):.3f}-{max(r):.3f})"
+                )
     return 0
 
 
