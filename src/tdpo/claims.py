@@ -176,10 +176,10 @@ def queries_to_gain(run: Run, level: float = MATCHED_GAIN) -> float:
     return float(hits[0]) if hits else math.nan
 
 
-def gold_at_gain(run: Run, level: float = MATCHED_GAIN) -> float:
-    """Gold's change on unseen prompts where the seen trained-reward gain first reaches
-    ``level``, linearly interpolated between evaluations (matched reward: who pays more gold
-    for the same gain; nan if the run never reaches it)."""
+def unseen_change_at_gain(run: Run, value, level: float = MATCHED_GAIN) -> float:
+    """The change of ``value(eval row)`` on unseen prompts where the seen trained-reward gain
+    first reaches ``level``, linearly interpolated between evaluations (matched reward: who pays
+    more for the same gain; nan if the run never reaches it)."""
     gains = gain_curve(run, "seen")
     rows = {
         int(r["epoch"]) * run.config.get("sample", {}).get("samples_per_epoch", 0): r
@@ -187,12 +187,29 @@ def gold_at_gain(run: Run, level: float = MATCHED_GAIN) -> float:
     }
     if 0 not in rows:
         return math.nan
-    base = eval_value(rows[0], "unseen", GOLD)
+    base = value(rows[0])
     qs = sorted(q for q in gains if q in rows)
     xs = np.asarray([gains[q] for q in qs])
-    ys = np.asarray([eval_value(rows[q], "unseen", GOLD) - base for q in qs])
-    value = value_at_level(xs, ys, level)
-    return math.nan if value is None else value
+    ys = np.asarray([value(rows[q]) - base for q in qs])
+    found = value_at_level(xs, ys, level)
+    return math.nan if found is None else found
+
+
+def gold_at_gain(run: Run, level: float = MATCHED_GAIN) -> float:
+    """Gold's change on unseen prompts at a matched seen trained-reward gain."""
+    return unseen_change_at_gain(run, lambda row: eval_value(row, "unseen", GOLD), level)
+
+
+def panel_at_gain(run: Run, level: float = MATCHED_GAIN) -> float:
+    """Figure 3's quantity (the panel's mean change on unseen prompts) at a matched seen
+    trained-reward gain (nan without panel rewards)."""
+
+    def panel_mean(row) -> float:
+        values = [eval_value(row, "unseen", m) for m in PANEL]
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.mean(values)) if values else math.nan
+
+    return unseen_change_at_gain(run, panel_mean, level)
 
 
 def mean_gain(run: Run) -> float:
@@ -269,6 +286,7 @@ METHOD_COLUMNS = [
     (f"gold, unseen, at trained gain +{MATCHED_GAIN}", gold_at_gain, 3),
     (f"queries to trained gain +{MATCHED_GAIN}", queries_to_gain, 0),
     ("panel, unseen", cross_reward_score, 3),
+    (f"panel, unseen, at trained gain +{MATCHED_GAIN}", panel_at_gain, 3),
     ("KL, unseen (final)", lambda run: final(run, "unseen", "kl"), 3),
     ("diversity, unseen", lambda run: change(run, "unseen", "diversity"), 3),
 ]

@@ -15,6 +15,7 @@ from tdpo.claims import (
     bootstrap_ci,
     change,
     gold_at_gain,
+    panel_at_gain,
     queries_to_gain,
     write_claims,
 )
@@ -22,8 +23,9 @@ from tdpo.claims import (
 PER_EPOCH = 64
 
 
-def _run(folder, algorithm, seed, trained, gold, reset=False):
-    """A run evaluated at epochs 0, 4, 8: ``trained`` and ``gold`` are (seen, unseen) lists."""
+def _run(folder, algorithm, seed, trained, gold, reset=False, panel=None):
+    """A run evaluated at epochs 0, 4, 8: ``trained`` and ``gold`` are (seen, unseen) lists;
+    ``panel``: {panel reward: its unseen values} (none by default)."""
     folder.mkdir(parents=True)
     config = {
         "seed": seed,
@@ -40,6 +42,8 @@ def _run(folder, algorithm, seed, trained, gold, reset=False):
             row[f"eval/{prompt_set}/shapes_aesthetic"] = trained[s][i]
             row[f"eval/{prompt_set}/shapes_gold"] = gold[s][i]
             row[f"eval/{prompt_set}/kl"] = 0.1 * i
+        for name, values in (panel or {}).items():
+            row[f"eval/unseen/{name}"] = values[i]
         if epoch:
             row["reward_mean"] = trained[0][i]
             if algorithm == "tdpo":
@@ -81,6 +85,7 @@ def test_per_run_quantities(tmp_path):
                     trained=([0.40, 0.41, 0.45], [0.30, 0.31, 0.33]),
                     gold=([0.30, 0.29, 0.25], [0.20, 0.18, 0.10]),
                     reset=True,
+                    panel={"shapes_pickscore": [1.0, 0.9, 0.5], "shapes_hps": [0.0, 0.1, 0.3]},
                 ),
             )
         ]
@@ -90,6 +95,9 @@ def test_per_run_quantities(tmp_path):
     assert queries_to_gain(run) == 512
     # gold (unseen) change at gain +0.02: -0.02 + (0.01/0.04) * (-0.10 - -0.02) = -0.04
     assert gold_at_gain(run) == pytest.approx(-0.04)
+    # panel mean 0.5, 0.5, 0.4 -> changes 0, 0, -0.1 (the two rewards' moves cancel at epoch 4);
+    # at gain +0.02: 0 + (0.01/0.04) * (-0.1 - 0) = -0.025
+    assert panel_at_gain(run) == pytest.approx(-0.025)
     assert math.isnan(queries_to_gain(run, level=0.5))
 
 
