@@ -112,6 +112,17 @@ def shapes_policy(**sample):
     return pipe, make_policy(pipe, ModelConfig(pretrained=str(PIPELINE_DIR)), sample_cfg)
 
 
+def perturb_lora(unet, seed: int = 0) -> None:
+    """Give every trainable (LoRA) factor N(0, 0.02) weights: B starts at 0, and with B = 0 the
+    gradients of A vanish, so a gradient comparison would not be general."""
+    import torch
+
+    torch.manual_seed(seed)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()

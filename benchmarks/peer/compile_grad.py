@@ -16,10 +16,12 @@ import argparse
 import os
 import sys
 import time
-import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common as c  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -28,19 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--worst", type=int, default=8, help="parameters to list")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    from tdpo.config import ModelConfig, SampleConfig
-    from tdpo.policy import load_pipeline, make_policy
-    from tdpo.world import PIPELINE_DIR
-
-    pipe = load_pipeline(str(PIPELINE_DIR), dtype=torch.float32)
-    policy = make_policy(pipe, ModelConfig(pretrained=str(PIPELINE_DIR)), SampleConfig())
+    _, policy = c.shapes_policy()
     unet = policy.unet
-    torch.manual_seed(0)
+    c.perturb_lora(unet)
     lora = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    for _, p in lora:  # LoRA B starts at 0: give every factor weight, so gradients are general
-        p.data.normal_(0, 0.02)
     pos, _ = policy.encode_prompts(["a red circle"] * 4)
     neg, _ = policy.negative_embeds(4)
     x = torch.randn(4, *policy.noise_shape[1:])

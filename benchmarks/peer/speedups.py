@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, policy = c.shapes_policy()
     unet = policy.unet
-    torch.manual_seed(0)
-    for p in unet.parameters():  # LoRA B starts at 0: give it weight, so gradients are general
-        if p.requires_grad:
-            p.data.normal_(0, 0.02)
+    c.perturb_lora(unet)
     prompts = c.shapes_prompts()[: c.SAMPLE_BATCH]
     pos, _ = policy.encode_prompts(prompts)
     neg, _ = policy.negative_embeds(len(prompts))
